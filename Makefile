@@ -1,0 +1,57 @@
+# kiln: `make demo` and `make test` are the two commands a new user needs (see README.md).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+RAY_DASHBOARD ?= 127.0.0.1:8265
+# Where torch comes from: empty = the configured package index (the CPU wheel on our CI
+# machines); a GPU node passes the CUDA wheel index of the same torch version.
+TORCH_INDEX ?=
+DEMO_RUN := $(CURDIR)/runs/demo/pretrain_lm
+
+.PHONY: install demo test test-gpu lint format clean
+
+install: $(INSTALLED)
+
+# The CPU build of torch goes in first so that nothing pulls a CUDA build. DeepSpeed builds
+# from source against that torch (no build isolation; DS_BUILD_OPS=0 compiles no ops).
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt pip setuptools wheel
+	$(BIN)/pip install -q -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt numpy
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -c constraints.txt deepspeed
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(INSTALLED)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/python -m pytest -m "not gpu"
+
+test-gpu: $(INSTALLED)
+	$(BIN)/python -m pytest -m gpu
+
+# Starts a local Ray head (dashboard at http://$(RAY_DASHBOARD)) unless one is running,
+# submits the embedded-default training job to it, and prints where the artifacts are.
+# The head gets .venv/bin first on PATH so the `python` of submitted jobs is this venv's.
+demo: $(INSTALLED)
+	$(BIN)/ray status >/dev/null 2>&1 || PATH="$(CURDIR)/$(BIN):$$PATH" \
+		$(BIN)/ray start --head --dashboard-host 127.0.0.1 --disable-usage-stats
+	$(BIN)/ray job submit --address http://$(RAY_DASHBOARD) --working-dir . -- \
+		python -m jobs.pretrain_lm --preset tiny --output $(DEMO_RUN)
+	@echo
+	@echo "Dashboard (jobs, Train runs, Tune sweeps): http://$(RAY_DASHBOARD)"
+	@echo "Model:        $(DEMO_RUN)/model"
+	@echo "Checkpoints:  $(DEMO_RUN)/checkpoints"
+	@echo "Metrics:      $(DEMO_RUN)/metrics.jsonl  $(DEMO_RUN)/summary.json"
+	@echo "TensorBoard:  $(BIN)/tensorboard --logdir $(DEMO_RUN)/tensorboard"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

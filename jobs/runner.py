@@ -1,0 +1,397 @@
+"""The shared Ray Train + DeepSpeed runner behind every kiln training job.
+
+A job declares *what* to train (`Job`: config class, model, dataset, step function, export and
+evaluation); the runner owns *how*: connecting to Ray, a `TorchTrainer` with one DeepSpeed
+engine per worker (ZeRO 0-3, precision, accumulation and clipping from `RunnerConfig`), the
+deterministic sharded data order, metrics, checkpoints, resume and the exported model.
+
+Data order: the global sample sequence is a concatenation of per-epoch permutations seeded by
+`runner.seed`; optimizer step s reads the next `global_batch_size` samples of it, split by
+micro-step and rank. The order is a pure function of (seed, step), so a resumed run reads
+exactly the samples an uninterrupted run would have.
+
+Checkpoints: every `checkpoint_every` steps and at the end, each rank writes its DeepSpeed
+shards to a local folder and reports it with `ray.train.report`; Ray merges them into
+`<run dir>/checkpoints/step_NNNNNN`. When a worker dies, Ray Train (FailureConfig) restarts the
+group and `ray.train.get_checkpoint()` hands back the latest one; re-running a crashed job with
+the same `--output` restores it too.
+
+Run directory: config.yaml, metrics.jsonl, summary.json, tensorboard/, checkpoints/, model/.
+Run directories must be on storage every node sees (true on one machine; NFS on a cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from kiln.config import ConfigError, JobConfig, RunnerConfig, load_config
+from kiln.tracking import RunLogger
+
+C = TypeVar("C", bound=JobConfig)
+# Fault injection for the resume test: rank world_size-1 SIGKILLs itself at this step, once.
+KILL_AT_STEP_ENV = "KILN_KILL_WORKER_AT_STEP"
+STATE_FILE = "kiln_state.json"
+CACHE_ENV = "KILN_CACHE"
+DEEPSPEED_TAG = "deepspeed"
+
+
+@dataclass(frozen=True)
+class Job(Generic[C]):
+    """What a training job is made of; the runner calls these hooks.
+
+    prepare(config, run_dir): on the driver before any worker starts; writes what workers
+        share (tokenizer, packed data) under run_dir. Must be deterministic and idempotent.
+    build_model(config, run_dir) -> nn.Module: on every worker, same seed on every rank.
+    build_dataset(config, run_dir) -> indexable of dict[str, Tensor]: the whole dataset;
+        the runner picks each rank's samples.
+    step(model, batch, config) -> (loss, metrics): one micro-batch forward. A `tokens` entry
+        in metrics is summed across ranks into tokens/s; other entries are averaged.
+    export(model, config, run_dir, out_dir): on rank 0 after training; writes a
+        `save_pretrained` folder that loads without kiln.
+    evaluate(config, run_dir) -> metrics: on the driver after export; goes into summary.json.
+    """
+
+    name: str
+    config_cls: type[C]
+    prepare: Callable[[C, Path], None]
+    build_model: Callable[[C, Path], torch.nn.Module]
+    build_dataset: Callable[[C, Path], Any]
+    step: Callable[[Any, dict[str, torch.Tensor], C], tuple[torch.Tensor, dict[str, float]]]
+    export: Callable[[torch.nn.Module, C, Path, Path], None]
+    evaluate: Callable[[C, Path], dict[str, float]]
+
+
+def deepspeed_config(runner: RunnerConfig) -> dict:
+    zero: dict[str, Any] = {"stage": runner.zero_stage}
+    if not runner.use_gpu:
+        # gloo has no reduce_scatter; ZeRO then reduces gradients with all-reduce.
+        zero["reduce_scatter"] = False
+    if runner.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if runner.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": runner.micro_batch_size,
+        "gradient_accumulation_steps": runner.grad_accum_steps,
+        "gradient_clipping": runner.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": runner.lr,
+                "betas": [0.9, 0.95],
+                "eps": 1e-8,
+                "weight_decay": runner.weight_decay,
+                # torch's AdamW: no fused-op compile on CPU workers.
+                "torch_adam": True,
+            },
+        },
+        "bf16": {"enabled": runner.precision == "bf16"},
+        "fp16": {"enabled": runner.precision == "fp16"},
+        "steps_per_print": 10**9,
+    }
+
+
+def lr_multiplier(step: int, runner: RunnerConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to 10% of it at max_steps."""
+    if step < runner.warmup_steps:
+        return (step + 1) / runner.warmup_steps
+    progress = (step - runner.warmup_steps) / max(1, runner.max_steps - runner.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class DataOrder:
+    """Deterministic global sample order, sharded by (step, micro-step, rank)."""
+
+    def __init__(self, size: int, runner: RunnerConfig, world_size: int):
+        self.size, self.runner, self.world_size = size, runner, world_size
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(self.runner.seed * 100_003 + epoch)
+            self._permutations = {epoch: torch.randperm(self.size, generator=generator)}
+        return self._permutations[epoch]
+
+    def indices(self, step: int, micro_step: int, rank: int) -> list[int]:
+        """Sample indices for 1-based optimizer `step`."""
+        micro = self.runner.micro_batch_size
+        first = ((step - 1) * self.runner.grad_accum_steps + micro_step) * self.world_size * micro
+        first += rank * micro
+        return [
+            int(self._permutation(i // self.size)[i % self.size])
+            for i in range(first, first + micro)
+        ]
+
+
+def _collate(dataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    items = [dataset[i] for i in indices]
+    return {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
+
+
+def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, float]:
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(packed)
+    return {k: v / (1 if k == "tokens" else world_size) for k, v in zip(keys, packed.tolist())}
+
+
+def _train_worker(payload: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    job: Job = payload["job"]
+    config = job.config_cls.model_validate(payload["config"])
+    runner, run_dir = config.runner, Path(payload["run_dir"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if runner.use_gpu else "cpu")
+    import deepspeed
+
+    device = torch.device(f"cuda:{context.get_local_rank()}" if runner.use_gpu else "cpu")
+    if runner.use_gpu:
+        torch.cuda.set_device(device)
+    torch.manual_seed(runner.seed)
+    model = job.build_model(config, run_dir)
+    dataset = job.build_dataset(config, run_dir)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(runner),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, runner)
+        ),
+    )
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and runner.resume_from is not None:
+        checkpoint = ray.train.Checkpoint(str(runner.resume_from))
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+            start_step = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
+
+    logger = RunLogger(run_dir, job.name, runner.max_steps, start_step) if rank == 0 else None
+    if logger and start_step:
+        sys.stdout.write(f"[{job.name}] resumed from the checkpoint of step {start_step}\n")
+        with (run_dir / "events.jsonl").open("a") as events:
+            events.write(json.dumps({"event": "resume", "step": start_step}) + "\n")
+    order = DataOrder(len(dataset), runner, world_size)
+    kill_at = payload.get("kill_at_step")
+    window_start, window_first_step = time.perf_counter(), start_step + 1
+    sums: dict[str, float] = {}
+    reduced: dict[str, float] = {}
+    for step in range(start_step + 1, runner.max_steps + 1):
+        if kill_at == step and rank == world_size - 1:
+            marker = run_dir / ".kill_injected"
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        for micro_step in range(runner.grad_accum_steps):
+            batch = _collate(dataset, order.indices(step, micro_step, rank), device)
+            loss, metrics = job.step(engine, batch, config)
+            engine.backward(loss)
+            engine.step()
+            for key, value in {"loss": loss.item(), **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        last = step == runner.max_steps
+        if step % runner.log_every == 0 or last:
+            micro_steps = runner.grad_accum_steps * (step - window_first_step + 1)
+            means = {k: v / (1 if k == "tokens" else micro_steps) for k, v in sums.items()}
+            reduced = _mean_across_ranks(means, world_size)
+            now = time.perf_counter()
+            reduced["tokens_per_s"] = reduced.pop("tokens", 0.0) / (now - window_start)
+            reduced["lr"] = engine.get_lr()[0]
+            if logger:
+                logger.log(step, reduced)
+            window_start, window_first_step, sums = now, step + 1, {}
+        if (runner.checkpoint_every and step % runner.checkpoint_every == 0) or last:
+            _save_and_report(engine, step, rank, {"step": step, **reduced})
+    if logger:
+        logger.close()
+    _export(job, engine, config, run_dir, rank)
+
+
+def _save_and_report(engine, step: int, rank: int, metrics: dict) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=DEEPSPEED_TAG)
+        if rank == 0:
+            (Path(folder) / STATE_FILE).write_text(json.dumps({"step": step}))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=f"step_{step:06d}",
+        )
+
+
+def _export(job: Job, engine, config: JobConfig, run_dir: Path, rank: int) -> None:
+    import deepspeed
+
+    module = engine.module
+    # ZeRO-3 holds a shard of each parameter per rank; gather full ones for the export.
+    gathered = (
+        deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        if config.runner.zero_stage == 3
+        else _nothing()
+    )
+    with gathered:
+        if rank == 0:
+            staging = run_dir / "model.partial"
+            job.export(module, config, run_dir, staging)
+            staging.replace(run_dir / "model")
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def connect_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (or the one this process runs in), else start one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def run(job: Job[C], config: C, run_dir: str | Path, callbacks: list | None = None) -> dict:
+    """Train `job` with `config` into `run_dir`; returns the summary (also in summary.json).
+
+    Re-running with the same run_dir resumes from its latest checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    runner = config.runner
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.yaml"
+    if config_file.exists() and config_file.read_text() != config.to_yaml():
+        raise ConfigError(
+            f"--output {str(run_dir)!r} holds a run with a different config.yaml; "
+            "resume it with --config that file, or choose a new --output"
+        )
+    config_file.write_text(config.to_yaml())
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        print(f"[{job.name}] {run_dir} is already complete; not training again", file=sys.stderr)
+        return json.loads(summary_file.read_text())
+    job.prepare(config, run_dir)
+    connect_ray()
+    resources = {"CPU": runner.cpus_per_worker} | ({"GPU": 1} if runner.use_gpu else {})
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "job": job,
+            "config": config.model_dump(mode="json"),
+            "run_dir": str(run_dir),
+            "kill_at_step": int(os.environ[KILL_AT_STEP_ENV])
+            if os.environ.get(KILL_AT_STEP_ENV)
+            else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=runner.num_workers,
+            use_gpu=runner.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=runner.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=runner.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    trained = time.perf_counter()
+    evaluation = job.evaluate(config, run_dir)
+    summary = {
+        **{k: v for k, v in (result.metrics or {}).items() if k != "step"},
+        "steps": runner.max_steps,
+        "train_wall_s": round(trained - started, 2),
+        "eval_s": round(time.perf_counter() - trained, 2),
+        **evaluation,
+    }
+    staging = run_dir / "summary.json.partial"
+    staging.write_text(json.dumps(summary, indent=2) + "\n")
+    staging.replace(summary_file)  # summary.json appears only once the run is complete
+    return summary
+
+
+def cached_run(job: Job[C], config: C) -> Path:
+    """The run directory of `job` trained with `config`, training it only the first time.
+
+    Base models that later jobs start from are cached by config fingerprint under
+    $KILN_CACHE (default ~/.cache/kiln); an interrupted run resumes where it stopped.
+    """
+    root = Path(os.environ.get(CACHE_ENV, "~/.cache/kiln")).expanduser()
+    run_dir = root / job.name / config.fingerprint()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir.parent / f"{run_dir.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes asking for one base train it once
+        run(job, config, run_dir)
+    return run_dir
+
+
+def main(job: Job, argv: list[str] | None = None) -> dict:
+    """The command line every job shares: --preset, --config, --set, --output."""
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{job.name}", description=job.__doc__)
+    presets = sorted(job.config_cls.presets)
+    parser.add_argument(
+        "--preset",
+        default="tiny" if "tiny" in presets else None,
+        help=f"named preset ({', '.join(presets) or 'none'}); default: %(default)s",
+    )
+    parser.add_argument("--config", help="YAML file of overrides (e.g. a run's config.yaml)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set runner.num_workers=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--output", help="run directory (default: runs/<job>/<timestamp>); reuse one to resume"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(job.config_cls, args.preset, args.config, args.set)
+    except ConfigError as error:
+        parser.exit(2, f"error: {error}\n")
+    run_dir = Path(args.output or f"runs/{job.name}/{datetime.now():%Y%m%d-%H%M%S}")
+    summary = run(job, config, run_dir)
+    print(json.dumps(summary, indent=2))
+    print(
+        f"\nrun directory: {run_dir.resolve()}\n"
+        f"  model:       {run_dir / 'model'}  (AutoModelForCausalLM.from_pretrained)\n"
+        f"  metrics:     {run_dir / 'metrics.jsonl'}, {run_dir / 'summary.json'}\n"
+        f"  checkpoints: {run_dir / 'checkpoints'}\n"
+        f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}",
+        file=sys.stderr,
+    )
+    return summary

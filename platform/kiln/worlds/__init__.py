@@ -1,0 +1,1 @@
+"""Embedded worlds: data the project generates itself, deterministic from a seed."""

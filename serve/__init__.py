@@ -1,0 +1,2 @@
+"""Ray Serve deployments and the serve config (the OpenAI-compatible LLM app and the classifier
+apps land here with their issues)."""
