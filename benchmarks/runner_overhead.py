@@ -15,27 +15,24 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from jobs.pretrain_lm import JOB, build_dataset, build_model_, prepare, step  # noqa: E402
-from jobs.runner import DataOrder, _collate, lr_multiplier, run  # noqa: E402
-from kiln.config import load_config  # noqa: E402
-from kiln.tracking import read_metrics  # noqa: E402
+from jobs.pretrain_lm import JOB, build_dataset, build_model, prepare, step
+from jobs.runner import DataOrder, _collate, lr_multiplier, run
+from kiln.config import load_config
+from kiln.tracking import read_metrics
 
 
 def plain_loop(config, run_dir: Path, warmup: int) -> dict:
     """The peer: what a user would write by hand, no Ray, no DeepSpeed."""
     runner = config.runner
     torch.manual_seed(runner.seed)
-    model = build_model_(config, run_dir)
+    model = build_model(config, run_dir)
     dataset = build_dataset(config, run_dir)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=runner.lr, betas=(0.9, 0.95), weight_decay=runner.weight_decay

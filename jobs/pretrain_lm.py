@@ -17,8 +17,8 @@ from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs.runner import Job, main
+from kiln import lm
 from kiln.config import JobConfig
-from kiln.lm import ModelConfig, build_model, pack_examples, task_accuracy
 from kiln.worlds.text import TextWorld, TextWorldConfig
 from kiln.worlds.tokenizer import train_tokenizer
 
@@ -27,7 +27,7 @@ class PretrainLMConfig(JobConfig):
     """Config of `jobs.pretrain_lm`."""
 
     world: TextWorldConfig = Field(default_factory=TextWorldConfig, description="Text world.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Architecture.")
+    model: lm.ModelConfig = Field(default_factory=lm.ModelConfig, description="Architecture.")
     vocab_size: int = Field(512, ge=64, description="BPE vocabulary size of the tokenizer.")
     tokenizer_examples: int = Field(
         5000, ge=1, description="Training examples the tokenizer is fitted on."
@@ -113,14 +113,15 @@ def prepare(config: PretrainLMConfig, run_dir: Path) -> None:
         (e.text for e in train[: config.tokenizer_examples]), config.vocab_size
     )
     tokenizer.save_pretrained(assets / "tokenizer")
-    blocks = pack_examples(train, tokenizer, config.block_size)
+    blocks = lm.pack_examples(train, tokenizer, config.block_size)
     partial = assets / "train.pt.partial"
     torch.save(blocks, partial)
     partial.replace(assets / "train.pt")
 
 
-def build_model_(config: PretrainLMConfig, run_dir: Path) -> torch.nn.Module:
-    return build_model(config.model, AutoTokenizer.from_pretrained(_assets(run_dir) / "tokenizer"))
+def build_model(config: PretrainLMConfig, run_dir: Path) -> torch.nn.Module:
+    tokenizer = AutoTokenizer.from_pretrained(_assets(run_dir) / "tokenizer")
+    return lm.build_model(config.model, tokenizer)
 
 
 class PackedBlocks(torch.utils.data.Dataset):
@@ -139,7 +140,10 @@ def build_dataset(config: PretrainLMConfig, run_dir: Path) -> PackedBlocks:
 
 
 def step(model, batch: dict[str, torch.Tensor], config: PretrainLMConfig):
-    output = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    # Router logits (and the load-balancing loss they add) only in training: the exported
+    # config keeps output_router_logits off, which `generate` needs.
+    moe = {"output_router_logits": True} if config.model.family == "mixtral" else {}
+    output = model(input_ids=batch["input_ids"], labels=batch["input_ids"], **moe)
     metrics = {"tokens": batch["input_ids"].numel()}
     if getattr(output, "aux_loss", None) is not None:
         metrics["router_aux_loss"] = output.aux_loss.item()
@@ -157,7 +161,7 @@ def evaluate(config: PretrainLMConfig, run_dir: Path) -> dict[str, float]:
     world = TextWorld(config.world)
     metrics: dict[str, float] = {}
     for split in ("validation", "test"):
-        for key, value in task_accuracy(model, tokenizer, world.split(split)).items():
+        for key, value in lm.task_accuracy(model, tokenizer, world.split(split)).items():
             metrics[f"{split}/{key}"] = value
     arithmetic = metrics.get("test/accuracy/arithmetic", 0.0)
     metrics["promised_test_accuracy"] = config.min_test_accuracy
@@ -169,7 +173,7 @@ JOB = Job(
     name="pretrain_lm",
     config_cls=PretrainLMConfig,
     prepare=prepare,
-    build_model=build_model_,
+    build_model=build_model,
     build_dataset=build_dataset,
     step=step,
     export=export,

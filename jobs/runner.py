@@ -12,9 +12,10 @@ exactly the samples an uninterrupted run would have.
 
 Checkpoints: every `checkpoint_every` steps and at the end, each rank writes its DeepSpeed
 shards to a local folder and reports it with `ray.train.report`; Ray merges them into
-`<run dir>/checkpoints/step_NNNNNN`. When a worker dies, Ray Train (FailureConfig) restarts the
-group and `ray.train.get_checkpoint()` hands back the latest one; re-running a crashed job with
-the same `--output` restores it too.
+`<run dir>/checkpoints/step_NNNNNN`, and each rank then marks its part complete. When a worker
+dies, Ray Train (FailureConfig) restarts the group and every worker resumes from the newest
+complete checkpoint (`latest_checkpoint`); re-running a crashed job with the same `--output`
+does the same.
 
 Run directory: config.yaml, metrics.jsonl, summary.json, tensorboard/, checkpoints/, model/.
 Run directories must be on storage every node sees (true on one machine; NFS on a cluster).
@@ -23,6 +24,7 @@ Run directories must be on storage every node sees (true on one machine; NFS on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -144,11 +146,14 @@ def _collate(dataset, indices: list[int], device: torch.device) -> dict[str, tor
     return {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
 
 
-def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, float]:
+def _mean_across_ranks(
+    values: dict[str, float], world_size: int, device: torch.device
+) -> dict[str, float]:
     import torch.distributed as dist
 
     keys = sorted(values)
-    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    # On the worker's device: NCCL reduces only CUDA tensors.
+    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(packed)
     return {k: v / (1 if k == "tokens" else world_size) for k, v in zip(keys, packed.tolist())}
@@ -182,13 +187,10 @@ def _train_worker(payload: dict) -> None:
     )
 
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and runner.resume_from is not None:
-        checkpoint = ray.train.Checkpoint(str(runner.resume_from))
+    checkpoint = latest_checkpoint(run_dir) or runner.resume_from
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
-            start_step = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
+        engine.load_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+        start_step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
 
     logger = RunLogger(run_dir, job.name, runner.max_steps, start_step) if rank == 0 else None
     if logger and start_step:
@@ -217,7 +219,7 @@ def _train_worker(payload: dict) -> None:
         if step % runner.log_every == 0 or last:
             micro_steps = runner.grad_accum_steps * (step - window_first_step + 1)
             means = {k: v / (1 if k == "tokens" else micro_steps) for k, v in sums.items()}
-            reduced = _mean_across_ranks(means, world_size)
+            reduced = _mean_across_ranks(means, world_size, device)
             now = time.perf_counter()
             reduced["tokens_per_s"] = reduced.pop("tokens", 0.0) / (now - window_start)
             reduced["lr"] = engine.get_lr()[0]
@@ -225,24 +227,49 @@ def _train_worker(payload: dict) -> None:
                 logger.log(step, reduced)
             window_start, window_first_step, sums = now, step + 1, {}
         if (runner.checkpoint_every and step % runner.checkpoint_every == 0) or last:
-            _save_and_report(engine, step, rank, {"step": step, **reduced})
+            _save_and_report(engine, step, rank, world_size, run_dir, {"step": step, **reduced})
     if logger:
         logger.close()
     _export(job, engine, config, run_dir, rank)
 
 
-def _save_and_report(engine, step: int, rank: int, metrics: dict) -> None:
+def _save_and_report(
+    engine, step: int, rank: int, world_size: int, run_dir: Path, metrics: dict
+) -> None:
     import ray.train
 
+    name = f"step_{step:06d}"
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=DEEPSPEED_TAG)
         if rank == 0:
-            (Path(folder) / STATE_FILE).write_text(json.dumps({"step": step}))
+            state = {"step": step, "world_size": world_size}
+            (Path(folder) / STATE_FILE).write_text(json.dumps(state))
+        # SYNC upload: when report returns, this rank's files are in the run directory.
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=f"step_{step:06d}",
+            checkpoint_dir_name=name,
         )
+    (run_dir / "checkpoints" / name / f"rank_{rank}.complete").touch()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of run_dir that every rank finished writing.
+
+    Not `ray.train.get_checkpoint()`: Ray registers a checkpoint only when its controller polls
+    the report, so a worker killed just after reporting would send the run back one checkpoint
+    (and repeat those steps) although the files were complete. The per-rank markers, written
+    after each rank's upload returned, say the same thing without the race.
+    """
+    complete = []
+    for folder in (run_dir / "checkpoints").glob("step_*"):
+        state_file = folder / STATE_FILE
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            ranks = range(state["world_size"])
+            if all((folder / f"rank_{rank}.complete").is_file() for rank in ranks):
+                complete.append((state["step"], folder))
+    return max(complete)[1] if complete else None
 
 
 def _export(job: Job, engine, config: JobConfig, run_dir: Path, rank: int) -> None:
@@ -253,21 +280,13 @@ def _export(job: Job, engine, config: JobConfig, run_dir: Path, rank: int) -> No
     gathered = (
         deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
         if config.runner.zero_stage == 3
-        else _nothing()
+        else contextlib.nullcontext()
     )
     with gathered:
         if rank == 0:
             staging = run_dir / "model.partial"
             job.export(module, config, run_dir, staging)
             staging.replace(run_dir / "model")
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def connect_ray() -> None:
@@ -303,6 +322,8 @@ def run(job: Job[C], config: C, run_dir: str | Path, callbacks: list | None = No
     job.prepare(config, run_dir)
     connect_ray()
     resources = {"CPU": runner.cpus_per_worker} | ({"GPU": 1} if runner.use_gpu else {})
+    # Read by Ray Train's controller (it propagates RAY_TRAIN_* variables to it).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(runner.worker_start_timeout_s)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={

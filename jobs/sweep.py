@@ -124,7 +124,8 @@ def sweep(
         tune.schedulers.ASHAScheduler(metric=metric, mode=mode, grace_period=1) if asha else None
     )
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"CPU": 0}),
+        # Tune needs a non-empty request: a little memory, and no CPU (see the docstring).
+        tune.with_resources(trial, {"CPU": 0, "memory": 256 * 2**20}),
         param_space={key: tune.grid_search(values) for key, values in grid.items()},
         tune_config=tune.TuneConfig(
             num_samples=samples,

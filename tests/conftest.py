@@ -16,6 +16,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
+# Ray reads its auth mode once, when first imported (test modules import it at collection), so
+# the session's token must be in the environment before any test module loads.
+os.environ.update(
+    RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0"
+)
 # pretrain_lm overrides for a model that trains in seconds (runner tests, not accuracy).
 SMALL = [
     "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
@@ -50,8 +55,7 @@ class Cluster:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> Cluster:
     """`ray start --head` with token authentication, shared by every test that needs Ray."""
-    token = secrets.token_hex(16)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    token = os.environ["RAY_AUTH_TOKEN"]
     port, dashboard_port = _free_port(), _free_port()
     temp_dir = tmp_path_factory.mktemp("ray")
     head = subprocess.Popen(

@@ -22,7 +22,7 @@ def test_bf16_training_on_cuda_lowers_loss_and_generates():
     model = build_model(ModelConfig(), tokenizer).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for step in range(150):
+    for _ in range(150):
         batch = blocks[torch.randint(len(blocks), (64,), device="cuda")]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=batch, labels=batch).loss

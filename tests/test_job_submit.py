@@ -18,7 +18,7 @@ def test_submitted_job_succeeds_and_writes_its_artifacts(ray_cluster, tmp_path):
         runtime_env={"working_dir": str(REPO), "excludes": [".venv", "runs", ".git"]},
     )
     deadline = time.monotonic() + 480
-    while (status := client.get_job_status(job_id)) not in JobStatus.TERMINAL_STATES:
+    while not (status := client.get_job_status(job_id)).is_terminal():
         assert time.monotonic() < deadline, "job did not finish in time"
         time.sleep(2)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-4000:]

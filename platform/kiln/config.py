@@ -57,6 +57,12 @@ class RunnerConfig(Section):
     max_failures: int = Field(
         1, ge=-1, description="Worker failures Ray Train recovers from (-1 = unlimited)."
     )
+    worker_start_timeout_s: float = Field(
+        600,
+        gt=0,
+        description="How long Ray Train waits for the worker group to start (its default, 60 s, "
+        "is too short for workers importing torch and DeepSpeed on a busy small machine).",
+    )
     seed: int = Field(0, description="Seed for initialisation and the data order.")
     resume_from: Path | None = Field(
         None,

@@ -70,7 +70,6 @@ def build_model(arch: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTra
             **common,
             num_local_experts=arch.num_experts,
             num_experts_per_tok=arch.experts_per_token,
-            output_router_logits=True,
         )
         return MixtralForCausalLM(config)
     return LlamaForCausalLM(LlamaConfig(**common))
