@@ -41,11 +41,14 @@ test-gpu: $(INSTALLED)
 # Starts a local Ray head (dashboard at http://$(RAY_DASHBOARD)) unless one is running,
 # submits the embedded-default training job to it, and prints where the artifacts are.
 # The head gets .venv/bin first on PATH so the `python` of submitted jobs is this venv's.
+# Token authentication is on: the token lives in ~/.ray/auth_token (made on first use).
 demo: $(INSTALLED)
-	$(BIN)/ray status >/dev/null 2>&1 || PATH="$(CURDIR)/$(BIN):$$PATH" \
+	$(BIN)/ray get-auth-token --generate >/dev/null
+	RAY_AUTH_MODE=token $(BIN)/ray status >/dev/null 2>&1 || RAY_AUTH_MODE=token \
+		PATH="$(CURDIR)/$(BIN):$$PATH" \
 		$(BIN)/ray start --head --dashboard-host 127.0.0.1 --disable-usage-stats
-	$(BIN)/ray job submit --address http://$(RAY_DASHBOARD) --working-dir . -- \
-		python -m jobs.pretrain_lm --preset tiny --output $(DEMO_RUN)
+	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
+		--working-dir . -- python -m jobs.pretrain_lm --preset tiny --output $(DEMO_RUN)
 	@echo
 	@echo "Dashboard (jobs, Train runs, Tune sweeps): http://$(RAY_DASHBOARD)"
 	@echo "Model:        $(DEMO_RUN)/model"
