@@ -102,12 +102,15 @@ def generate_completions(
     batch_size: int = 64,
 ) -> list[str]:
     """Greedy completions (text after the prompt, up to </s>), batched with left padding."""
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        batch = batch.to(device)
+        batch = tokenizer(
+            prompts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",  # generation continues from the last column
+        ).to(device)
         generated = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
