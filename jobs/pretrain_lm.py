@@ -24,7 +24,7 @@ from kiln.worlds.tokenizer import train_tokenizer
 
 
 class PretrainLMConfig(JobConfig):
-    """Config of `jobs.pretrain_lm`."""
+    """Pretrain a Llama- or Mixtral-architecture causal LM from scratch on the text world."""
 
     world: TextWorldConfig = Field(default_factory=TextWorldConfig, description="Text world.")
     model: lm.ModelConfig = Field(default_factory=lm.ModelConfig, description="Architecture.")

@@ -41,7 +41,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from kiln.config import ConfigError, JobConfig, RunnerConfig, load_config
+from kiln.config import ConfigError, JobConfig, RunnerConfig, describe_fields, load_config
 from kiln.tracking import RunLogger
 
 C = TypeVar("C", bound=JobConfig)
@@ -381,8 +381,14 @@ def cached_run(job: Job[C], config: C) -> Path:
 
 def main(job: Job, argv: list[str] | None = None) -> dict:
     """The command line every job shares: --preset, --config, --set, --output."""
-    parser = argparse.ArgumentParser(prog=f"python -m jobs.{job.name}", description=job.__doc__)
     presets = sorted(job.config_cls.presets)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m jobs.{job.name}",
+        description=job.config_cls.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (set with --set key=value or in --config YAML):\n"
+        + "\n".join(describe_fields(job.config_cls)),
+    )
     parser.add_argument(
         "--preset",
         default="tiny" if "tiny" in presets else None,

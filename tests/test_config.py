@@ -86,3 +86,16 @@ def test_command_line_fails_fast_before_any_worker(tmp_path):
     assert "runner.zero_stage=7: Input should be 0, 1, 2 or 3" in done.stderr
     assert "Ray" not in done.stderr + done.stdout and not (tmp_path / "run").exists()
     assert time.monotonic() - started < 60
+
+
+def test_help_describes_every_config_field():
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.pretrain_lm", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0
+    assert "runner.zero_stage (default 2): DeepSpeed ZeRO stage" in done.stdout
+    assert "world.max_digits (default 2): Digits of arithmetic operands." in done.stdout
+    assert "): None" not in done.stdout  # no field lacks a description

@@ -120,6 +120,19 @@ class JobConfig(Section):
 C = TypeVar("C", bound=JobConfig)
 
 
+def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per leaf field: `key.sub (default): description`, for `--help`."""
+    lines = []
+    for name, field in cls.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += describe_fields(annotation, f"{prefix}{name}.")
+        else:
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"  {prefix}{name} (default {default!r}): {field.description}")
+    return lines
+
+
 def _merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
