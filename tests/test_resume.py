@@ -36,6 +36,18 @@ def test_killed_worker_resumes_with_contiguous_steps(uninterrupted, tmp_path, mo
         assert row["loss"] == pytest.approx(reference[row["step"]], rel=1e-5, abs=1e-6), row
 
 
+def test_resume_from_another_runs_checkpoint_continues_its_trajectory(uninterrupted, tmp_path):
+    checkpoint = uninterrupted / "checkpoints" / "step_000008"
+    config = load_config(JOB.config_cls, "tiny", None, [*SMALL, f"runner.resume_from={checkpoint}"])
+    run(JOB, config, tmp_path)
+    # Ignoring resume_from would log steps 1-12; restoring weights without the optimizer state
+    # would change the losses below.
+    assert [row["step"] for row in read_metrics(tmp_path)] == [9, 10, 11, 12]
+    reference = {row["step"]: row["loss"] for row in read_metrics(uninterrupted)}
+    for row in read_metrics(tmp_path):
+        assert row["loss"] == pytest.approx(reference[row["step"]], rel=1e-5, abs=1e-6), row
+
+
 def test_finished_run_is_not_trained_again(uninterrupted):
     before = (uninterrupted / "metrics.jsonl").read_text()
     summary = run(JOB, load_config(JOB.config_cls, "tiny", None, SMALL), uninterrupted)
