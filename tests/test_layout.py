@@ -19,7 +19,7 @@ def test_platform_is_the_standard_library_module():
 
 def test_kiln_core_imports_without_ray_or_deepspeed():
     done = _python(
-        "import sys, kiln, kiln.config, kiln.lm, kiln.tracking, kiln.worlds.text, "
+        "import sys, kiln, kiln.config, kiln.dpo, kiln.lm, kiln.tracking, kiln.worlds.text, "
         "kiln.worlds.tokenizer\n"
         "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]\n"
         "assert not bad, bad"
