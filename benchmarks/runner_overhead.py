@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from jobs.pretrain_lm import JOB, build_dataset, build_model, prepare, step
-from jobs.runner import DataOrder, _collate, lr_multiplier, run
+from jobs.runner import DataOrder, collate, lr_multiplier, run
 from kiln.config import load_config
 from kiln.tracking import read_metrics
 
@@ -44,7 +44,7 @@ def plain_loop(config, run_dir: Path, warmup: int) -> dict:
     for index in range(1, runner.max_steps + 1):
         if index == warmup + 1:
             steady_start, tokens = time.perf_counter(), 0
-        batch = _collate(dataset, order.indices(index, 0, 0), torch.device("cpu"))
+        batch = collate(dataset, order.indices(index, 0, 0), torch.device("cpu"))
         loss, metrics = step(model, batch, config)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), runner.grad_clip)
@@ -63,7 +63,7 @@ def plain_loop(config, run_dir: Path, warmup: int) -> dict:
 def through_runner(config, run_dir: Path, warmup: int) -> dict:
     started = time.perf_counter()
     summary = run(JOB, config, run_dir)
-    wall = time.perf_counter() - started - summary.get("eval_s", 0.0)
+    wall = time.perf_counter() - started - summary["eval_s"]
     rows = [r for r in read_metrics(run_dir) if r["step"] > warmup]
     # Each row's rate covers the log window ending at that step; weight windows by their steps.
     seconds = sum(config.runner.log_every / r["tokens_per_s"] for r in rows)

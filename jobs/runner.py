@@ -141,7 +141,7 @@ class DataOrder:
         ]
 
 
-def _collate(dataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+def collate(dataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
     items = [dataset[i] for i in indices]
     return {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
 
@@ -209,7 +209,7 @@ def _train_worker(payload: dict) -> None:
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGKILL)
         for micro_step in range(runner.grad_accum_steps):
-            batch = _collate(dataset, order.indices(step, micro_step, rank), device)
+            batch = collate(dataset, order.indices(step, micro_step, rank), device)
             loss, metrics = job.step(engine, batch, config)
             engine.backward(loss)
             engine.step()
@@ -308,13 +308,13 @@ def run(job: Job[C], config: C, run_dir: str | Path, callbacks: list | None = No
     runner = config.runner
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir / "config.yaml"
-    if config_file.exists() and config_file.read_text() != config.to_yaml():
+    config_file, resolved = run_dir / "config.yaml", config.to_yaml()
+    if config_file.exists() and config_file.read_text() != resolved:
         raise ConfigError(
             f"--output {str(run_dir)!r} holds a run with a different config.yaml; "
             "resume it with --config that file, or choose a new --output"
         )
-    config_file.write_text(config.to_yaml())
+    config_file.write_text(resolved)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():
         print(f"[{job.name}] {run_dir} is already complete; not training again", file=sys.stderr)

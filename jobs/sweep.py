@@ -102,19 +102,21 @@ def sweep(
         raise ConfigError(f"mode={mode!r}: expected 'min' or 'max'")
     if not grid:
         raise ConfigError("grid: expected at least one --grid key=v1,v2")
-    # Every combination must be a valid config before any trial starts.
-    for values in itertools.product(*grid.values()):
-        trial_overrides = [f"{k}={json.dumps(v)}" for k, v in zip(grid, values)]
-        config = load_config(job.config_cls, preset, None, [*overrides, *trial_overrides])
-    runner = config.runner
+
+    def trial_config(params: dict):
+        swept = [f"{key}={json.dumps(value)}" for key, value in params.items()]
+        return load_config(job.config_cls, preset, None, [*overrides, *swept])
+
+    # Every combination must be a valid config before any trial starts; the grid only varies
+    # what the keys name, so any one of them tells the workers' resources.
+    configs = [trial_config(dict(zip(grid, v))) for v in itertools.product(*grid.values())]
+    runner = configs[0].runner
     output = output.resolve()
     trials_dir = output / "trials"
 
     def trial(params: dict) -> None:
-        trial_overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
-        trial_config = load_config(job.config_cls, preset, None, [*overrides, *trial_overrides])
         run_dir = trials_dir / tune.get_context().get_trial_name()
-        summary = run(job, trial_config, run_dir, callbacks=[TuneReportCallback()])
+        summary = run(job, trial_config(params), run_dir, callbacks=[TuneReportCallback()])
         tune.report({k: v for k, v in summary.items() if isinstance(v, int | float)})
 
     connect_ray()
