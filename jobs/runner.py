@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import importlib
 import json
 import math
 import os
@@ -66,6 +67,11 @@ class Job(Generic[C]):
     export(model, config, run_dir, out_dir): on rank 0 after training; writes a
         `save_pretrained` folder that loads without kiln.
     evaluate(config, run_dir) -> metrics: on the driver after export; goes into summary.json.
+    diagnose(model, config, run_dir) -> metrics (optional): no-grad measurements of the model
+        on every rank after each logged optimizer step (e.g. log-probs of a fixed probe set);
+        averaged across ranks and logged with the step's metrics.
+    sweep (optional): the job's ready-made Tune sweep, used by `python -m jobs.sweep <job>`
+        when no --grid is given.
     """
 
     name: str
@@ -76,6 +82,17 @@ class Job(Generic[C]):
     step: Callable[[Any, dict[str, torch.Tensor], C], tuple[torch.Tensor, dict[str, float]]]
     export: Callable[[torch.nn.Module, C, Path, Path], None]
     evaluate: Callable[[C, Path], dict[str, float]]
+    diagnose: Callable[[Any, C, Path], dict[str, float]] | None = None
+    sweep: SweepSpec | None = None
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A job's default sweep: the grid, and the summary metrics to report (first = objective)."""
+
+    grid: dict[str, list]
+    metrics: tuple[str, ...]
+    mode: str = "max"
 
 
 def deepspeed_config(runner: RunnerConfig) -> dict:
@@ -219,13 +236,18 @@ def _train_worker(payload: dict) -> None:
         if step % runner.log_every == 0 or last:
             micro_steps = runner.grad_accum_steps * (step - window_first_step + 1)
             means = {k: v / (1 if k == "tokens" else micro_steps) for k, v in sums.items()}
-            reduced = _mean_across_ranks(means, world_size, device)
+            # The window's wall time is taken before diagnostics, which are not training work.
             now = time.perf_counter()
+            means["step_time_s"] = (now - window_start) / (step - window_first_step + 1)
+            if job.diagnose is not None:
+                with torch.no_grad():
+                    means |= job.diagnose(engine, config, run_dir)
+            reduced = _mean_across_ranks(means, world_size, device)
             reduced["tokens_per_s"] = reduced.pop("tokens", 0.0) / (now - window_start)
             reduced["lr"] = engine.get_lr()[0]
             if logger:
                 logger.log(step, reduced)
-            window_start, window_first_step, sums = now, step + 1, {}
+            window_start, window_first_step, sums = time.perf_counter(), step + 1, {}
         if (runner.checkpoint_every and step % runner.checkpoint_every == 0) or last:
             _save_and_report(engine, step, rank, world_size, run_dir, {"step": step, **reduced})
     if logger:
@@ -381,6 +403,10 @@ def cached_run(job: Job[C], config: C) -> Path:
 
 def main(job: Job, argv: list[str] | None = None) -> dict:
     """The command line every job shares: --preset, --config, --set, --output."""
+    if job.step.__module__ == "__main__":
+        # Under `python -m jobs.<name>` the hooks live in __main__, which workers cannot import;
+        # the module's own JOB pickles by reference like any library code.
+        job = importlib.import_module(f"jobs.{job.name}").JOB
     presets = sorted(job.config_cls.presets)
     parser = argparse.ArgumentParser(
         prog=f"python -m jobs.{job.name}",
@@ -411,7 +437,10 @@ def main(job: Job, argv: list[str] | None = None) -> dict:
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")
     run_dir = Path(args.output or f"runs/{job.name}/{datetime.now():%Y%m%d-%H%M%S}")
-    summary = run(job, config, run_dir)
+    try:
+        summary = run(job, config, run_dir)
+    except ConfigError as error:  # bad input found while preparing data, before any worker
+        parser.exit(2, f"error: {error}\n")
     print(json.dumps(summary, indent=2))
     print(
         f"\nrun directory: {run_dir.resolve()}\n"

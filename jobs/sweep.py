@@ -5,11 +5,12 @@
         [--output DIR]
     python -m jobs.sweep --config sweep.yaml   # keys: job, preset, set, grid, samples,
                                                # metric, mode, asha, output
+    python -m jobs.sweep <job>                 # the job's ready-made sweep (Job.sweep)
 
 Each trial is a full runner job (a Tune function trainable that builds its own TorchTrainer)
 with its own run directory under `<sweep dir>/trials/`, so `tensorboard --logdir <sweep dir>`
 shows every trial. Writes `results.csv`, `best_config.yaml` and `<metric>.png` (the swept metric
-against each grid key).
+against each grid key; one plot per reported metric).
 
 Resources: a trial itself holds no CPU (it only waits on its workers), and at most
 `cluster CPUs // CPUs one trial's workers need` trials run at once, so a trial never holds a
@@ -90,8 +91,9 @@ def sweep(
     overrides: tuple[str, ...] = (),
     samples: int = 1,
     asha: bool = False,
+    report: tuple[str, ...] = (),
 ):
-    """Run the sweep; returns Tune's ResultGrid."""
+    """Run the sweep; returns Tune's ResultGrid. `report` adds metrics to the table and plots."""
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -140,17 +142,20 @@ def sweep(
     )
     results = tuner.fit()
     frame = results.get_dataframe()
-    if metric not in frame:
+    metrics = list(dict.fromkeys([metric, *report]))
+    missing = [m for m in metrics if m not in frame]
+    if missing:
         raise ConfigError(
-            f"metric={metric!r}: not reported by {job_name} "
+            f"metric {missing[0]!r}: not reported by {job_name} "
             f"(reported: {', '.join(c for c in frame.columns if not c.startswith('config/'))})"
         )
-    columns = [f"config/{k}" for k in grid] + [metric]
+    columns = [f"config/{k}" for k in grid] + metrics
     frame = frame.sort_values(metric, ascending=mode == "min")
     frame[[*columns, "trial_id"]].to_csv(output / "results.csv", index=False)
     best = results.get_best_result(metric=metric, mode=mode)
     (output / "best_config.yaml").write_text(yaml.safe_dump(best.config, sort_keys=False))
-    _plot(frame, grid, metric, output / f"{metric.replace('/', '_')}.png")
+    for name in metrics:
+        _plot(frame, grid, name, output / f"{name.replace('/', '_')}.png")
     print(frame[columns].to_string(index=False))
     print(f"\nbest {metric} = {best.metrics[metric]} with {best.config}")
     print(f"sweep directory: {output}  (tensorboard --logdir {output})", file=sys.stderr)
@@ -184,6 +189,11 @@ def main(argv: list[str] | None = None):
             raise ConfigError("job: expected a job name (positional or `job:` in --config)")
         grid = {k: list(v) for k, v in (spec.get("grid") or {}).items()}
         grid |= _parse_grid(args.grid)
+        ready = _load_job(job_name).sweep
+        if not grid and ready:
+            grid = dict(ready.grid)
+            spec = {"metric": ready.metrics[0], "mode": ready.mode, **spec}
+        report = ready.metrics if ready else ()
         overrides = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()]
         output = args.output or spec.get("output")
         sweep(
@@ -196,6 +206,7 @@ def main(argv: list[str] | None = None):
             overrides=(*overrides, *args.set),
             samples=args.samples or spec.get("samples", 1),
             asha=bool(args.asha if args.asha is not None else spec.get("asha", False)),
+            report=report,
         )
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")

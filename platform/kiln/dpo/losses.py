@@ -36,6 +36,13 @@ import torch
 import torch.nn.functional as F
 
 
+class PairLogps(NamedTuple):
+    chosen: torch.Tensor  # [batch], log π⁺ summed over response tokens
+    rejected: torch.Tensor  # [batch], log π⁻
+    chosen_token_logps: torch.Tensor  # [batch, width-1], per chosen token (0 off the response)
+    chosen_token_mask: torch.Tensor  # [batch, width-1], 1 on chosen response tokens
+
+
 class DPOOutput(NamedTuple):
     losses: torch.Tensor  # [batch], per example
     chosen_rewards: torch.Tensor  # [batch], r⁺ (detached: a diagnostic, not a loss path)
@@ -54,6 +61,26 @@ def sequence_logps(
     per_token = torch.gather(logits[:, :-1].log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
     per_token = per_token * response_mask[:, 1:]
     return per_token.sum(-1), per_token
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairLogps:
+    """Chosen and rejected through the model in one concatenated forward.
+
+    `batch` holds right-padded `{chosen,rejected}_{ids,attention,response}` [batch, width]
+    (see `kiln.dpo.data.tokenize_pairs`); columns past the longest sequence are cut first.
+    """
+    ids, attention, response = (
+        torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
+        for key in ("ids", "attention", "response")
+    )
+    width = int(attention.sum(1).max())
+    ids, attention, response = ids[:, :width], attention[:, :width], response[:, :width]
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    # log-softmax in at least float32 (bf16 logits lose the small differences DPO reads).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logps, token_logps = sequence_logps(logits, ids, response)
+    chosen, rejected = logps.chunk(2)
+    return PairLogps(chosen, rejected, token_logps.chunk(2)[0], response[:, 1:].chunk(2)[0])
 
 
 def dpo_loss(
