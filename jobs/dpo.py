@@ -42,7 +42,7 @@ from kiln.dpo.data import (
 )
 from kiln.dpo.plots import plot_3d_properties
 from kiln.tracking import read_metrics
-from kiln.worlds.text import TextWorld, TextWorldConfig
+from kiln.worlds.text import Example, TextWorld, TextWorldConfig
 
 PRETRAIN_PREFIX = "pretrain_lm:"
 
@@ -169,7 +169,7 @@ def _probe_metrics(model, probe: dict[str, dict[str, torch.Tensor]]) -> dict[str
 def _build_pairs(config: DPOConfig, model, tokenizer, world: TextWorld) -> tuple[list, dict]:
     if config.preference_file:
         return read_preference_file(config.preference_file), {}
-    train = world.split("train")
+    train = _arithmetic(world, "train")
     seed = config.runner.seed
     if config.pairs == "offline":
         return offline_pairs(world, train[: config.num_pairs], seed), {}
@@ -209,20 +209,22 @@ def prepare(config: DPOConfig, run_dir: Path) -> None:
     if truncated:
         sys.stderr.write(f"[dpo] {truncated} responses cut to max_length={max_length} tokens\n")
     tensors["ref_chosen"], tensors["ref_rejected"] = _batched_logps(model, tensors)
-    heldout = offline_pairs(
-        world, world.split("validation")[: config.probe_size], config.runner.seed + 1
-    )
-    probe = {
-        "train": {k: v[: config.probe_size] for k, v in tensors.items() if not k.startswith("ref")},
-        "heldout": tokenize_pairs(heldout, tokenizer, max_length)[0],
-    }
+    probe = {}
+    if config.probe_size:
+        heldout = offline_pairs(
+            world, _arithmetic(world, "validation")[: config.probe_size], config.runner.seed + 1
+        )
+        probe = {
+            "train": {k: v[: config.probe_size] for k, v in tensors.items() if "ref" not in k},
+            "heldout": tokenize_pairs(heldout, tokenizer, max_length)[0],
+        }
     info = {
         "base_model": str(base),
         "num_pairs": len(pairs),
         "pair_sources": dict(Counter(p.source.split(" ")[0] for p in pairs)),
         "truncated_responses": truncated,
         "skipped": skipped,
-        "initial_probe": _probe_metrics(model, probe) if config.probe_size else {},
+        "initial_probe": _probe_metrics(model, probe) if probe else {},
         "accuracy_before": _accuracy(model, tokenizer, world),
     }
     torch.save(tensors, assets / "pairs.pt")
@@ -234,8 +236,13 @@ def prepare(config: DPOConfig, run_dir: Path) -> None:
     (assets / "data.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _arithmetic(world: TextWorld, split: str) -> list[Example]:
+    """Pairs, probes and evaluation use the arithmetic task, whatever else `world.mix` holds."""
+    return [e for e in world.split(split) if e.task == "arithmetic"]
+
+
 def _accuracy(model, tokenizer, world: TextWorld) -> float:
-    return lm.task_accuracy(model, tokenizer, world.split("test"))["accuracy"]
+    return lm.task_accuracy(model, tokenizer, _arithmetic(world, "test"))["accuracy"]
 
 
 def build_model(config: DPOConfig, run_dir: Path) -> torch.nn.Module:

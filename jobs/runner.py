@@ -444,7 +444,7 @@ def main(job: Job, argv: list[str] | None = None) -> dict:
     print(json.dumps(summary, indent=2))
     print(
         f"\nrun directory: {run_dir.resolve()}\n"
-        f"  model:       {run_dir / 'model'}  (AutoModelForCausalLM.from_pretrained)\n"
+        f"  model:       {run_dir / 'model'}  (a save_pretrained folder)\n"
         f"  metrics:     {run_dir / 'metrics.jsonl'}, {run_dir / 'summary.json'}\n"
         f"  checkpoints: {run_dir / 'checkpoints'}\n"
         f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}",

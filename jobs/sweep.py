@@ -23,6 +23,7 @@ import argparse
 import importlib
 import itertools
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -121,6 +122,9 @@ def sweep(
         summary = run(job, trial_config(params), run_dir, callbacks=[TuneReportCallback()])
         tune.report({k: v for k, v in summary.items() if isinstance(v, int | float)})
 
+    # Judged metrics such as accuracy_after exist only in a trial's final report, not in the
+    # per-checkpoint ones before it; Tune's strict check would reject those as missing it.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     connect_ray()
     per_trial = runner.num_workers * runner.cpus_per_worker
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
@@ -162,7 +166,7 @@ def sweep(
     return results
 
 
-def main(argv: list[str] | None = None):
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__)
     parser.add_argument("job", nargs="?", help="job module under jobs/, e.g. pretrain_lm")
     parser.add_argument("--config", help="sweep YAML (command-line flags override it)")
@@ -174,40 +178,49 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--preset", help="job preset for every trial (default: tiny)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output", help="sweep directory (default: runs/sweeps/<job>-<time>)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """`sweep()`'s arguments: flags over the --config YAML over the job's ready sweep."""
     spec: dict = {}
+    if args.config:
+        spec = yaml.safe_load(Path(args.config).read_text()) or {}
+        unknown = set(spec) - {
+            "job", "preset", "set", "grid", "samples", "metric", "mode", "asha", "output"
+        }  # fmt: skip
+        if unknown:
+            raise ConfigError(f"{args.config}: unknown keys {sorted(unknown)}")
+    job_name = args.job or spec.get("job")
+    if not job_name:
+        raise ConfigError("job: expected a job name (positional or `job:` in --config)")
+    grid = {k: list(v) for k, v in (spec.get("grid") or {}).items()}
+    grid |= _parse_grid(args.grid)
+    ready = _load_job(job_name).sweep
+    if not grid and ready:
+        grid = dict(ready.grid)
+        spec = {"metric": ready.metrics[0], "mode": ready.mode, **spec}
+    overrides = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()]
+    output = args.output or spec.get("output")
+    return dict(
+        job_name=job_name,
+        grid=grid,
+        metric=args.metric or spec.get("metric", "loss"),
+        mode=args.mode or spec.get("mode", "min"),
+        output=Path(output or f"runs/sweeps/{job_name}-{datetime.now():%Y%m%d-%H%M%S}"),
+        preset=args.preset or spec.get("preset"),
+        overrides=(*overrides, *args.set),
+        samples=args.samples or spec.get("samples", 1),
+        asha=bool(args.asha if args.asha is not None else spec.get("asha", False)),
+        report=ready.metrics if ready else (),
+    )
+
+
+def main(argv: list[str] | None = None):
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
-        if args.config:
-            spec = yaml.safe_load(Path(args.config).read_text()) or {}
-            unknown = set(spec) - {
-                "job", "preset", "set", "grid", "samples", "metric", "mode", "asha", "output"
-            }  # fmt: skip
-            if unknown:
-                raise ConfigError(f"{args.config}: unknown keys {sorted(unknown)}")
-        job_name = args.job or spec.get("job")
-        if not job_name:
-            raise ConfigError("job: expected a job name (positional or `job:` in --config)")
-        grid = {k: list(v) for k, v in (spec.get("grid") or {}).items()}
-        grid |= _parse_grid(args.grid)
-        ready = _load_job(job_name).sweep
-        if not grid and ready:
-            grid = dict(ready.grid)
-            spec = {"metric": ready.metrics[0], "mode": ready.mode, **spec}
-        report = ready.metrics if ready else ()
-        overrides = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()]
-        output = args.output or spec.get("output")
-        sweep(
-            job_name,
-            grid,
-            metric=args.metric or spec.get("metric", "loss"),
-            mode=args.mode or spec.get("mode", "min"),
-            output=Path(output or f"runs/sweeps/{job_name}-{datetime.now():%Y%m%d-%H%M%S}"),
-            preset=args.preset or spec.get("preset"),
-            overrides=(*overrides, *args.set),
-            samples=args.samples or spec.get("samples", 1),
-            asha=bool(args.asha if args.asha is not None else spec.get("asha", False)),
-            report=report,
-        )
+        sweep(**resolve(args))
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")
 

@@ -99,3 +99,11 @@ def test_help_describes_every_config_field():
     assert "runner.zero_stage (default 2): DeepSpeed ZeRO stage" in done.stdout
     assert "world.max_digits (default 2): Digits of arithmetic operands." in done.stdout
     assert "): None" not in done.stdout  # no field lacks a description
+
+
+def test_partial_override_keeps_a_sections_factory_defaults():
+    from jobs.dpo import DPOConfig
+
+    config = load_config(DPOConfig, "tiny", None, ["world.eval_size=7"])
+    assert config.world.eval_size == 7
+    assert config.world.mix == {"arithmetic": 1.0}  # DPOConfig's default, not the world's

@@ -48,3 +48,16 @@ def test_sweep_rejects_bad_grid_before_running(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2 and "runner.zero_stage=9" in done.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_a_job_without_grid_gets_its_ready_sweep():
+    from jobs.dpo import JOB
+    from jobs.sweep import _parser, resolve
+
+    plan = resolve(_parser().parse_args(["dpo"]))
+    assert plan["grid"] == JOB.sweep.grid and len(plan["grid"]) == 2
+    assert (plan["metric"], plan["mode"]) == ("accuracy_after", "max")
+    assert plan["report"] == ("accuracy_after", "chosen_logp_drop")
+    # An explicit grid replaces the ready one; the job's metrics are still reported.
+    plan = resolve(_parser().parse_args(["dpo", "--grid", "beta=0.1,0.2", "--metric", "loss"]))
+    assert plan["grid"] == {"beta": [0.1, 0.2]} and plan["metric"] == "loss"

@@ -190,7 +190,9 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> C:
     """Resolve a job config: defaults < preset < YAML file < overrides ("a.b=value")."""
-    data: dict[str, Any] = {}
+    # Start from the dumped defaults, so a partial override of a section keeps the values its
+    # default_factory gave the rest of it (not the section class's own defaults).
+    data: dict[str, Any] = cls().model_dump(mode="json")
     if preset is not None:
         if preset not in cls.presets:
             raise ConfigError(

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kiln.config import ConfigError
@@ -98,6 +100,7 @@ def on_policy_pairs(
     torch.manual_seed(seed)
     model.eval()
     pairs, skipped = [], Counter()
+    progress = tqdm(total=wanted, desc="on-policy pairs", unit="pair", file=sys.stderr)
     for start in range(0, len(examples), prompts_per_batch):
         chunk = examples[start : start + prompts_per_batch]
         batch = tokenizer(
@@ -124,10 +127,12 @@ def on_policy_pairs(
             wrong = [t for t in done if extract_answer(t) != example.answer]
             if right and wrong:
                 pairs.append(PreferencePair(example.prompt, right[0], wrong[0], "on_policy"))
+                progress.update()
             else:
                 skipped["prompts_all_correct" if right else "prompts_without_correct"] += 1
         if len(pairs) >= wanted:
             break
+    progress.close()
     return pairs[:wanted], skipped
 
 
