@@ -20,7 +20,7 @@ def test_platform_is_the_standard_library_module():
 def test_kiln_core_imports_without_ray_or_deepspeed():
     done = _python(
         "import sys, kiln, kiln.config, kiln.dpo, kiln.dpo.data, kiln.dpo.plots, kiln.lm, "
-        "kiln.snn, kiln.tracking, kiln.worlds.text, kiln.worlds.tokenizer\n"
+        "kiln.engine, kiln.snn, kiln.tracking, kiln.worlds.text, kiln.worlds.tokenizer\n"
         "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]\n"
         "assert not bad, bad"
     )
@@ -38,3 +38,14 @@ def test_submitted_working_dir_finds_kiln_without_an_install():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(REPO / "platform" / "kiln" / "__init__.py")
+
+
+def test_engine_imports_with_torch_and_transformers_alone():
+    """The GPU machines have torch, transformers and triton only: no pydantic, ray or deepspeed."""
+    done = _python(
+        "import sys\n"
+        "for name in ('pydantic', 'ray', 'deepspeed', 'diffusers', 'peft'):\n"
+        "    sys.modules[name] = None  # importing any of them now raises ImportError\n"
+        "import kiln.engine, kiln.engine.spec_decode, kiln.engine.smartspec"
+    )
+    assert done.returncode == 0, done.stderr

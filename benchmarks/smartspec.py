@@ -1,0 +1,206 @@
+"""SmartSpec against fixed speculation lengths under Poisson load (issue 7, acceptance 3).
+
+    python benchmarks/smartspec.py [--requests 32] [--max-tokens 64] [--loads 0.1,0.5,0.9]
+    python benchmarks/smartspec.py --model PATH --draft PATH --proposers ngram
+
+Target: `pretrain_lm --preset tiny`, draft: `pretrain_lm --preset draft` (both from the kiln
+cache, trained there first if missing; or --model / --draft). Prompts are text-world test
+prompts (arithmetic, key-value recall, copy: the copy task is input-grounded, where prompt
+lookup shines). Requests are greedy and stop at EOS or --max-tokens, so every policy produces the
+same tokens (speculation is lossless) and the same work.
+
+Load: first the saturated capacity C (requests/s with all requests submitted at once and no
+speculation); then, per load factor f, arrivals are a seeded Poisson process of rate f·C.
+Policies per proposer (draft model, n-gram): no speculation, fixed k in {1, 2, 4, 8}, SmartSpec.
+Latency = finish time - arrival time. Writes results.json, results.md (the table) and
+latency_vs_rate.png to --out, and prints the table with the issue's two goals checked:
+SmartSpec within 5% of the best fixed policy at every rate, and at most 0.7x the
+no-speculation latency at the lowest rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from datetime import date
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from transformers import AutoTokenizer
+
+from jobs import pretrain_lm
+from jobs.runner import cached_run
+from kiln.config import load_config
+from kiln.engine import LLMEngine, SamplingParams
+from kiln.worlds.text import TextWorld
+
+POLICIES: tuple[str | int, ...] = (0, 1, 2, 4, 8, "smartspec")
+MAX_NUM_SEQS = 32
+
+
+def preset_model(preset: str) -> Path:
+    config = load_config(pretrain_lm.JOB.config_cls, preset)
+    return cached_run(pretrain_lm.JOB, config) / "model"
+
+
+def make_engine(model: Path, draft: Path, proposer: str, policy: str | int) -> LLMEngine:
+    if policy == 0:
+        return LLMEngine(model=model, max_num_seqs=MAX_NUM_SEQS)
+    return LLMEngine(
+        model=model,
+        draft_model=draft if proposer == "draft" else None,
+        proposer=proposer,
+        speculation=policy,
+        max_num_seqs=MAX_NUM_SEQS,
+    )
+
+
+def serve(engine: LLMEngine, prompts, params, arrivals: list[float]) -> dict:
+    """Replay arrivals (seconds from start) in real time; per-request latencies and spec stats."""
+    engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    finished: dict[str, float] = {}
+    proposed = accepted = 0
+    start, submitted = time.perf_counter(), 0
+    while len(finished) < len(prompts):
+        now = time.perf_counter() - start
+        while submitted < len(order) and arrivals[order[submitted]] <= now:
+            i = order[submitted]
+            engine.add_request(str(i), prompts[i], params)
+            submitted += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, arrivals[order[submitted]] - now))
+            continue
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = time.perf_counter() - start
+                proposed += output.spec_stats["proposed"]
+                accepted += output.spec_stats["accepted"]
+    latencies = np.array([finished[str(i)] - arrivals[i] for i in range(len(prompts))])
+    return {
+        "mean_s": float(latencies.mean()),
+        "p99_s": float(np.percentile(latencies, 99)),
+        "acceptance": accepted / proposed if proposed else None,
+    }
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def table(results: dict, loads: list[float], rates: list[float]) -> str:
+    lines = []
+    for proposer, by_policy in results.items():
+        lines.append(f"\n**{proposer}** (mean / p99 latency, s; acceptance)\n")
+        header = " | ".join(f"load {f} ({r:.2f} req/s)" for f, r in zip(loads, rates))
+        lines.append(f"| policy | {header} |")
+        lines.append("| --- |" + " --- |" * len(loads))
+        for policy, runs in by_policy.items():
+            cells = []
+            for run in runs:
+                acc = "" if run["acceptance"] is None else f"; {run['acceptance']:.2f}"
+                cells.append(f"{run['mean_s']:.2f} / {run['p99_s']:.2f}{acc}")
+            lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goals(results: dict, loads: list[float]) -> list[str]:
+    checks = []
+    for proposer, by_policy in results.items():
+        smart = [run["mean_s"] for run in by_policy["smartspec"]]
+        fixed = [k for k in by_policy if k not in ("none", "smartspec")]
+        for i, load in enumerate(loads):
+            best = min(by_policy[k][i]["mean_s"] for k in ["none", *fixed])
+            ok = smart[i] <= 1.05 * best
+            checks.append(f"{proposer} load {load}: SmartSpec/best = {smart[i] / best:.2f} {ok}")
+        ratio = smart[0] / by_policy["none"][0]["mean_s"]
+        checks.append(f"{proposer} lowest load: SmartSpec/no-spec = {ratio:.2f} {ratio <= 0.7}")
+    return checks
+
+
+def plot(results: dict, rates: list[float], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (proposer, by_policy) in zip(axes[0], results.items()):
+        for policy, runs in by_policy.items():
+            style = {"lw": 2.5, "color": "black"} if policy == "smartspec" else {}
+            ax.plot(rates, [r["mean_s"] for r in runs], marker="o", label=policy, **style)
+        ax.set(title=f"proposer: {proposer}", xlabel="request rate (req/s)")
+        ax.set(ylabel="mean request latency (s)", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="target checkpoint (default: tiny preset)")
+    parser.add_argument("--draft", type=Path, help="draft checkpoint (default: draft preset)")
+    parser.add_argument("--proposers", default="draft,ngram")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--loads", default="0.1,0.5,0.9", help="fractions of saturated capacity")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/smartspec"))
+    args = parser.parse_args()
+    proposers = args.proposers.split(",")
+    model = args.model or preset_model("tiny")
+    draft = args.draft or (preset_model("draft") if "draft" in proposers else None)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = [tokenizer(e.prompt).input_ids for e in TextWorld().split("test", args.requests)]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+
+    baseline = make_engine(model, draft, "none", 0)
+    baseline.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))
+    start = time.perf_counter()
+    baseline.generate(prompts, params)
+    capacity = len(prompts) / (time.perf_counter() - start)
+    loads = [float(f) for f in args.loads.split(",")]
+    rates = [f * capacity for f in loads]
+
+    results: dict[str, dict[str, list[dict]]] = {}
+    for proposer in proposers:
+        results[proposer] = {}
+        for policy in POLICIES:
+            engine = baseline if policy == 0 else make_engine(model, draft, proposer, policy)
+            name = "none" if policy == 0 else str(policy)
+            results[proposer][name] = [
+                serve(engine, prompts, params, poisson_arrivals(len(prompts), rate, args.seed))
+                for rate in rates
+            ]
+            print(proposer, name, [round(r["mean_s"], 3) for r in results[proposer][name]])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "model": str(model),
+        "draft": str(draft),
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "capacity_req_per_s": capacity,
+        "loads": loads,
+        "rates": rates,
+        "results": results,
+        "goals": goals(results, loads),
+    }
+    (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    text = table(results, loads, rates) + "\n\n" + "\n".join(record["goals"]) + "\n"
+    (args.out / "results.md").write_text(text)
+    plot(results, rates, args.out / "latency_vs_rate.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

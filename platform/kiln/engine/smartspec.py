@@ -1,0 +1,353 @@
+"""SmartSpec: choose the speculation length that maximises predicted goodput, every engine step.
+
+Liu, Daniel, Hu, Kwon, Li, Mo, Cheung, Deng, Stoica, Zhang, "Optimizing Speculative Decoding for
+Serving Large Language Models Using Goodput", arXiv 2406.14066 (v3: "TurboSpec").
+
+Accepted-length model. Each proposal is accepted with probability α given that the earlier ones
+were, so with k proposals P(j accepted) = α^j (1 − α) for j < k and α^k for j = k, and
+
+    E[gen(k, α)] = 1 + α + … + α^k = (1 − α^(k+1)) / (1 − α)          (k + 1 when α = 1)
+
+generated tokens (accepted proposals plus the bonus or recovered token). Proposal j adds α^j.
+
+Goodput of one step over B requests with proposal lengths k_1..k_B:
+
+    G(k_1..k_B) = Σ_i E[gen(k_i, α_i)] / T_step(k_1..k_B)
+
+Step time (the paper's T ≈ a·N_context + b·N_batched + c [recollection] as extended by the V1
+prototype, plus a draft term; least squares with coefficients constrained ≥ 0):
+    T_step = T_target + [any k_i > 0] · T_draft
+    T_target = c_0 + c_tok·N_batched + c_kv·N_context + c_bs·B + c_spec·[any k_i > 0]
+    N_batched = Σ_i (k_i + 1) + other scheduled tokens (prefill chunks)
+    T_draft  = d_0 + d_pass·max_i k_i + d_tok·Σ_i k_i   (sequential draft passes; per-token cost)
+`profile` fits both at start-up from timed forwards on this machine; every observed step (and
+draft) time is added and the model refit every `refit_every` observations (TurboSpec's closed
+loop). Profiled samples are kept, so a narrow run of online steps cannot swing the fit.
+
+Acceptance rate. The engine counts accepted drafts only up to the first rejection, so the naive
+ratio accepted/drafted has expectation α(1 − α^k) / (k(1 − α)) < α. With a_s accepted of k_s
+drafted at step s, the likelihood is α^(Σ a_s) (1 − α)^R with R the number of steps that had a
+rejection (a_s < k_s), whose maximiser is
+
+    α̂ = Σ_s a_s / (Σ_s a_s + R).
+
+We report the posterior mean under a Beta(m·α_0, m·(1 − α_0)) prior, (Σa + m·α_0)/(Σa + R + m),
+which tends to α̂: globally with α_0 = `prior` (0.7, the V0 prototype's start), and per request
+with α_0 = the global estimate, so a new request starts at the global rate. Counts decay by
+`decay` per observation to follow drift (1.0 = exact MLE).
+
+Selection (per step). Candidate items are proposal positions (i, j), j = 1..cap_i, with gain
+α_i^j; cap_i is K_max, or the n-gram proposal length (the n-gram proposer proposes first, for free,
+then SmartSpec decides how much to verify), or the tokens the request may still emit minus one.
+  - `per_request=True` (the brief's §7 extension, the default): add items in descending gain.
+    Under a cost linear in Σk_i this is Dinkelbach's greedy and the best prefix is the optimum;
+    with all α_i equal, ties enter together and it reduces to the uniform scan.
+  - `per_request=False` (the published prototypes): one k for the whole batch, k = 0..K_max.
+G(0) is multiplied by `no_spec_bias` (1.1, V0's bias toward not speculating, covering
+unmodelled overhead and noise): k = 0 unless speculating is predicted to pay by that margin.
+
+Deviations and reconstructions:
+  - The published scan stops at the first k whose G does not improve (assumes G unimodal). We
+    evaluate every prefix (≤ B·K_max cheap dot products) and keep the best, since the fixed
+    speculation costs c_spec and d_0 make G non-unimodal: the first proposal can lose while
+    more proposals win.
+  - The decision is recomputed every step (the prototypes cache it for 20 or 200 steps): it costs
+    well under a millisecond and n-gram caps change every step anyway.
+  - The paper's α is a moving average of observed acceptance (V0: global EMA of a ratio that is
+    not truncated; V1: a min(p, q) signal). We use the truncation-aware MLE above, per request
+    and global, because our counts stop at the first rejection.
+  - The V0 prototype fits linear and degree-2 models and keeps the better; we keep linear.
+  - The V0 memory guard (no k whose KV would not fit) belongs to the scheduler: it lowers cap_i.
+  - Tree-style drafting is not covered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def expected_generated(alpha: float, k: int) -> float:
+    """E[tokens one request emits in a step with k proposals] = (1 − α^(k+1)) / (1 − α)."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def _posterior_mean(accepted: float, rejections: float, prior: float, strength: float) -> float:
+    return (accepted + strength * prior) / (accepted + rejections + strength)
+
+
+class AcceptanceEstimator:
+    """Per-request and global acceptance rate from counts truncated at the first rejection."""
+
+    def __init__(self, prior: float = 0.7, prior_strength: float = 2.0, decay: float = 1.0):
+        self.prior, self.prior_strength, self.decay = prior, prior_strength, decay
+        self._accepted = 0.0
+        self._rejections = 0.0
+        self._per_request: dict[object, tuple[float, float]] = {}
+
+    def observe(self, request_id: object, drafted: int, accepted: int) -> None:
+        """One verification: `accepted` of `drafted` proposals passed before the first rejection."""
+        if not 0 <= accepted <= drafted:
+            raise ValueError(f"need 0 <= accepted <= drafted, got {accepted} of {drafted}")
+        if drafted == 0:  # no proposal, no information
+            return
+        rejected = float(accepted < drafted)
+        self._accepted = self.decay * self._accepted + accepted
+        self._rejections = self.decay * self._rejections + rejected
+        old_accepted, old_rejections = self._per_request.get(request_id, (0.0, 0.0))
+        self._per_request[request_id] = (
+            self.decay * old_accepted + accepted,
+            self.decay * old_rejections + rejected,
+        )
+
+    def alpha(self, request_id: object | None = None) -> float:
+        """The global estimate, or one request's (shrunk toward the global one)."""
+        global_alpha = _posterior_mean(
+            self._accepted, self._rejections, self.prior, self.prior_strength
+        )
+        if request_id is None:
+            return global_alpha
+        accepted, rejections = self._per_request.get(request_id, (0.0, 0.0))
+        return _posterior_mean(accepted, rejections, global_alpha, self.prior_strength)
+
+    def forget(self, request_id: object) -> None:
+        self._per_request.pop(request_id, None)
+
+
+class LinearTimeModel:
+    """seconds ≈ coefficients · features, least squares with non-negative coefficients."""
+
+    def __init__(self, feature_names: Sequence[str], history: int = 512):
+        self.feature_names = tuple(feature_names)
+        self._profiled: list[tuple[list[float], float]] = []
+        self._observed: deque[tuple[list[float], float]] = deque(maxlen=history)
+        self.coefficients: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self._profiled) + len(self._observed)
+
+    def add(self, features: Sequence[float], seconds: float, profiled: bool = False) -> None:
+        (self._profiled if profiled else self._observed).append(([*features], seconds))
+
+    def fit(self) -> None:
+        samples = self._profiled + list(self._observed)
+        x = torch.tensor([f for f, _ in samples], dtype=torch.float64)
+        y = torch.tensor([s for _, s in samples], dtype=torch.float64)
+        # Active set: a negative coefficient (collinear or noisy samples, e.g. timings on a busy
+        # machine) would make extra tokens look free or a step take no time, so drop the most
+        # negative feature and refit until none is left.
+        active = list(range(x.shape[1]))
+        while active:
+            solution = torch.linalg.lstsq(x[:, active], y[:, None], driver="gelsd").solution
+            solution = solution.squeeze(1).tolist()
+            if min(solution) >= 0:
+                break
+            active.pop(solution.index(min(solution)))
+        coefficients = [0.0] * x.shape[1]
+        for feature, value in zip(active, solution):
+            coefficients[feature] = value
+        self.coefficients = coefficients
+
+    def predict(self, features: Sequence[float]) -> float:
+        if self.coefficients is None:
+            raise RuntimeError("the time model has no fit yet: profile or fit it first")
+        return max(sum(c * f for c, f in zip(self.coefficients, features)), 1e-9)
+
+
+def _seconds(fn: Callable[..., object], *args: int, repeats: int) -> float:
+    """Fastest of `repeats` timed calls after one untimed warm-up (fills caches, compiles)."""
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(*args)
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class StepTimeModel:
+    """T_step(k_1..k_B) = T_target + [any k_i > 0]·T_draft (see the module docstring)."""
+
+    def __init__(self, refit_every: int = 50):
+        self.target = LinearTimeModel(
+            ("constant", "batched_tokens", "context_tokens", "num_seqs", "speculating")
+        )
+        self.draft = LinearTimeModel(("constant", "draft_passes", "draft_tokens"))
+        self.refit_every = refit_every
+        self._since_refit = 0
+
+    def predict(
+        self, ks: Sequence[int], context_tokens: int, other_tokens: int = 0, drafting: bool = True
+    ) -> float:
+        """Seconds for a step whose decoding requests verify ks drafts (plus other_tokens of
+        prefill chunks); drafting=False leaves out the proposer (n-gram proposals exist already)."""
+        batched_tokens = sum(ks) + len(ks) + other_tokens
+        seconds = self.target.predict([1, batched_tokens, context_tokens, len(ks), any(ks)])
+        if any(ks) and drafting:
+            seconds += self.draft.predict([1, max(ks), sum(ks)])
+        return seconds
+
+    def observe(
+        self,
+        ks: Sequence[int],
+        batched_tokens: int,
+        context_tokens: int,
+        num_seqs: int,
+        target_seconds: float,
+        draft_seconds: float = 0.0,
+    ) -> None:
+        """A measured step: target_seconds is everything but drafting (forward, sampling,
+        verification, bookkeeping); draft_seconds the proposer's time (0 when it did not run)."""
+        self.target.add([1, batched_tokens, context_tokens, num_seqs, any(ks)], target_seconds)
+        if any(ks) and draft_seconds > 0:
+            self.draft.add([1, max(ks), sum(ks)], draft_seconds)
+        self._since_refit += 1
+        if self._since_refit >= self.refit_every:
+            self._since_refit = 0
+            for model in (self.target, self.draft):
+                if len(model) >= len(model.feature_names):
+                    model.fit()
+
+
+def profile(
+    target_fn: Callable[[int, int, int], object],
+    draft_fn: Callable[[int, int, int], object] | None = None,
+    max_seqs: int = 32,
+    max_k: int = 8,
+    context_lens: Sequence[int] = (64, 256),
+    repeats: int = 3,
+    refit_every: int = 50,
+) -> StepTimeModel:
+    """Fit a StepTimeModel from timed calls on this machine (at engine start-up).
+
+    target_fn(num_seqs, tokens_per_seq, context_len) runs one target forward over num_seqs
+    sequences, each with context_len cached tokens and tokens_per_seq new ones (1 = plain decode,
+    k + 1 = verification). draft_fn(num_seqs, k, context_len) proposes k tokens for num_seqs
+    requests. Both must return only when the work is done.
+    """
+    model = StepTimeModel(refit_every)
+    for num_seqs in sorted({n for n in (1, 4, 16, max_seqs) if n <= max_seqs}):
+        for tokens in sorted({t for t in (1, 2, 3, 5, max_k + 1) if t <= max_k + 1}):
+            for context in context_lens:
+                seconds = _seconds(target_fn, num_seqs, tokens, context, repeats=repeats)
+                # A bare forward: verification-shaped, without speculation's overheads.
+                features = [1, num_seqs * tokens, num_seqs * context, num_seqs, 0]
+                model.target.add(features, seconds, profiled=True)
+    model.target.fit()
+    if draft_fn is not None:
+        # passes = k and tokens = num_seqs·k vary independently over this grid.
+        for num_seqs in sorted({1, min(4, max_seqs)}):
+            for k in sorted({1, min(4, max_k), max_k}):
+                seconds = _seconds(draft_fn, num_seqs, k, max(context_lens), repeats=repeats)
+                model.draft.add([1, k, num_seqs * k], seconds, profiled=True)
+        model.draft.fit()
+    return model
+
+
+@dataclass(frozen=True)
+class SpecCandidate:
+    """A decoding request in this step: its cached tokens and how many drafts it may verify."""
+
+    request_id: object
+    context_len: int
+    max_k: int
+
+
+class SmartSpec:
+    """Per-step speculation lengths that maximise predicted goodput, and their metrics."""
+
+    def __init__(
+        self,
+        time_model: StepTimeModel,
+        max_k: int = 8,
+        estimator: AcceptanceEstimator | None = None,
+        per_request: bool = True,
+        no_spec_bias: float = 1.1,
+        drafting_cost: bool = True,
+    ):
+        """drafting_cost: True for a draft model (its passes are part of the step cost); False
+        for n-gram lookup, whose proposals exist before the decision and cost nothing further."""
+        self.time_model = time_model
+        self.max_k = max_k
+        self.estimator = estimator or AcceptanceEstimator()
+        self.per_request = per_request
+        self.no_spec_bias = no_spec_bias
+        self.drafting_cost = drafting_cost
+        self._metrics: dict[str, float] = {}
+        self._measured_goodput: float | None = None
+
+    def choose(self, requests: Sequence[SpecCandidate], other_tokens: int = 0) -> list[int]:
+        """Proposal length per request (0 = no speculation), in the order given."""
+        context_tokens = sum(r.context_len for r in requests)
+        caps = [max(0, min(r.max_k, self.max_k)) for r in requests]
+        alphas = [self.estimator.alpha(r.request_id) for r in requests]
+
+        def goodput(ks: list[int], expected_tokens: float) -> tuple[float, float]:
+            seconds = self.time_model.predict(ks, context_tokens, other_tokens, self.drafting_cost)
+            return expected_tokens / seconds, seconds
+
+        ks = [0] * len(requests)
+        expected = float(len(requests))
+        no_spec_goodput, seconds = goodput(ks, expected)
+        best = (self.no_spec_bias * no_spec_goodput, list(ks), expected, seconds)
+        # Items (gain, position j, request i). Per request: best gain first; uniform: a whole
+        # level j across the batch at a time, evaluated only once the level is complete.
+        items = [
+            (alphas[i] ** j, j, i) for i in range(len(requests)) for j in range(1, caps[i] + 1)
+        ]
+        items.sort(key=(lambda it: (-it[0], it[2])) if self.per_request else (lambda it: it[1:]))
+        for position, (gain, level, request) in enumerate(items):
+            ks[request] += 1
+            expected += gain
+            next_level = items[position + 1][1] if position + 1 < len(items) else None
+            if not self.per_request and next_level == level:
+                continue
+            value, seconds = goodput(ks, expected)
+            if value > best[0]:
+                best = (value, list(ks), expected, seconds)
+        _, chosen, expected, seconds = best
+        self._metrics = {
+            "spec_k_max": float(max(chosen, default=0)),
+            "spec_k_mean": sum(chosen) / len(chosen) if chosen else 0.0,
+            "spec_alpha": self.estimator.alpha(),
+            "spec_goodput_predicted": expected / seconds,
+            "spec_goodput_no_spec": no_spec_goodput,
+            "spec_step_seconds_predicted": seconds,
+        }
+        return chosen
+
+    def observe_step(
+        self,
+        ks: Sequence[int],
+        batched_tokens: int,
+        context_tokens: int,
+        num_seqs: int,
+        generated_tokens: int,
+        target_seconds: float,
+        draft_seconds: float = 0.0,
+    ) -> None:
+        """A finished step: feeds the time model (StepTimeModel.observe) and the measured goodput
+        (generated tokens over the whole step time, an EMA reported by `metrics`)."""
+        self.time_model.observe(
+            ks, batched_tokens, context_tokens, num_seqs, target_seconds, draft_seconds
+        )
+        measured = generated_tokens / max(target_seconds + draft_seconds, 1e-9)
+        previous = self._measured_goodput
+        self._measured_goodput = measured if previous is None else 0.9 * previous + 0.1 * measured
+
+    def metrics(self) -> dict[str, float]:
+        """The last decision (chosen k, α, predicted goodput) and the measured goodput EMA."""
+        out = dict(self._metrics)
+        if self._measured_goodput is not None:
+            out["spec_goodput_measured"] = self._measured_goodput
+        return out

@@ -1,0 +1,206 @@
+"""SmartSpec (kiln.engine.smartspec): the brief's properties 5-8 with negative controls."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from kiln.engine import smartspec
+from kiln.engine.smartspec import (
+    AcceptanceEstimator,
+    LinearTimeModel,
+    SmartSpec,
+    SpecCandidate,
+    StepTimeModel,
+    expected_generated,
+)
+
+
+def _truncated_geometric(rng, alpha: float, k: int, steps: int) -> np.ndarray:
+    """Accepted drafts per step: proposals pass with probability α until the first rejection."""
+    passes = rng.random((steps, k)) < alpha
+    return np.cumprod(passes, axis=1).sum(axis=1)
+
+
+def test_expected_generated_matches_monte_carlo_and_its_gains_fall():
+    rng = np.random.default_rng(0)
+    for alpha, k in [(0.3, 2), (0.8, 5), (0.95, 8)]:
+        simulated = _truncated_geometric(rng, alpha, k, 200_000).mean() + 1
+        assert expected_generated(alpha, k) == pytest.approx(simulated, rel=0.01)
+        gains = [expected_generated(alpha, j + 1) - expected_generated(alpha, j) for j in range(k)]
+        assert all(a > b for a, b in itertools.pairwise(gains))
+    assert expected_generated(0.5, 0) == 1.0
+    assert expected_generated(1.0, 4) == 5.0
+
+
+def test_truncation_aware_estimate_converges_while_the_naive_ratio_is_biased():
+    rng = np.random.default_rng(1)
+    alpha, k, steps = 0.6, 4, 20_000
+    accepted = _truncated_geometric(rng, alpha, k, steps)
+    estimator = AcceptanceEstimator()
+    for a in accepted:
+        estimator.observe("r", k, int(a))
+    assert estimator.alpha() == pytest.approx(alpha, abs=0.01)
+    assert estimator.alpha("r") == pytest.approx(alpha, abs=0.01)
+    naive = accepted.sum() / (k * steps)  # what an accepted/drafted counter reports
+    assert naive == pytest.approx(alpha * (1 - alpha**k) / (k * (1 - alpha)), abs=0.01)
+    assert alpha - naive > 0.15
+
+
+def test_per_request_estimates_start_at_the_global_rate_and_separate():
+    rng = np.random.default_rng(2)
+    estimator = AcceptanceEstimator(prior=0.7)
+    assert estimator.alpha() == estimator.alpha("new") == pytest.approx(0.7)
+    for good, bad in zip(
+        _truncated_geometric(rng, 0.9, 4, 3000), _truncated_geometric(rng, 0.2, 4, 3000)
+    ):
+        estimator.observe("good", 4, int(good))
+        estimator.observe("bad", 4, int(bad))
+    assert estimator.alpha("good") == pytest.approx(0.9, abs=0.02)
+    assert estimator.alpha("bad") == pytest.approx(0.2, abs=0.02)
+    assert estimator.alpha("new") == pytest.approx(estimator.alpha())
+    estimator.observe("good", 0, 0)  # no proposal: no information
+    with pytest.raises(ValueError):
+        estimator.observe("good", 2, 3)
+    estimator.forget("good")
+    assert estimator.alpha("good") == pytest.approx(estimator.alpha())
+
+
+def test_linear_time_model_recovers_coefficients_and_never_fits_a_negative_slope():
+    rng = np.random.default_rng(3)
+    model = LinearTimeModel(("constant", "tokens", "seqs"))
+    for tokens, seqs in rng.integers(1, 100, size=(50, 2)):
+        model.add([1, tokens, seqs], 0.002 + 1e-4 * tokens + 3e-4 * seqs)
+    model.fit()
+    assert model.coefficients == pytest.approx([0.002, 1e-4, 3e-4], rel=1e-6)
+    # Time that falls with tokens (noise, collinearity) must not make tokens look free.
+    falling = LinearTimeModel(("constant", "tokens"))
+    for tokens in range(1, 20):
+        falling.add([1, tokens], 0.01 - 1e-4 * tokens)
+    falling.fit()
+    assert falling.coefficients[1] == 0.0 and falling.predict([1, 50]) > 0
+
+
+def test_profile_fits_the_machine_it_times(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(smartspec.time, "perf_counter", lambda: clock[0])
+
+    def target_fn(num_seqs, tokens_per_seq, context_len):  # a fake forward advancing the clock
+        clock[0] += 1e-3 + 2e-5 * num_seqs * tokens_per_seq + 1e-7 * num_seqs * context_len
+
+    def draft_fn(num_seqs, k, context_len):
+        clock[0] += 5e-4 + 1e-3 * k + 2e-4 * num_seqs * k
+
+    model = smartspec.profile(target_fn, draft_fn, max_seqs=8, max_k=4)
+    assert model.target.coefficients == pytest.approx([1e-3, 2e-5, 1e-7, 0, 0], abs=1e-9)
+    assert model.draft.coefficients == pytest.approx([5e-4, 1e-3, 2e-4], rel=1e-6)
+    # k = 0 costs no drafting; k = 2 for 3 requests: 9 tokens plus two draft passes.
+    assert model.predict([0, 0, 0], 300) == pytest.approx(1e-3 + 2e-5 * 3 + 1e-7 * 300)
+    assert model.predict([2, 2, 2], 300) == pytest.approx(
+        1e-3 + 2e-5 * 9 + 1e-7 * 300 + 5e-4 + 1e-3 * 2 + 2e-4 * 6
+    )
+
+
+def _time_model(constant=0.01, per_token=1e-4, spec_overhead=0.0, draft=(0.0, 0.0, 0.0)):
+    model = StepTimeModel()
+    model.target.coefficients = [constant, per_token, 0.0, 0.0, spec_overhead]
+    model.draft.coefficients = list(draft)
+    return model
+
+
+def _controller(time_model, alphas, max_k=8, **kwargs) -> tuple[SmartSpec, list[SpecCandidate]]:
+    estimator = AcceptanceEstimator(prior_strength=1e-9)  # α exactly as injected below
+    for i, alpha in enumerate(alphas):
+        estimator._per_request[i] = (alpha, 1 - alpha)
+    requests = [SpecCandidate(i, 100, max_k) for i in range(len(alphas))]
+    return SmartSpec(time_model, max_k, estimator, **kwargs), requests
+
+
+def test_expensive_speculation_chooses_zero_and_cheap_verification_speculates():
+    expensive = _time_model(constant=1e-3, per_token=1e-2)  # every verified token costs a lot
+    controller, requests = _controller(expensive, [0.8] * 8)
+    assert controller.choose(requests) == [0] * 8
+    cheap = _time_model(constant=0.05, per_token=1e-5)  # memory-bound: tokens nearly free
+    controller, requests = _controller(cheap, [0.9] * 8)
+    chosen = controller.choose(requests)
+    assert min(chosen) > 0 and len(set(chosen)) == 1
+    metrics = controller.metrics()
+    assert metrics["spec_k_max"] == chosen[0]
+    assert metrics["spec_goodput_predicted"] > metrics["spec_goodput_no_spec"]
+    free = _time_model(constant=0.05, per_token=0.0)
+    controller, requests = _controller(free, [0.5] * 4, max_k=6)
+    assert controller.choose(requests) == [6] * 4  # verification is free: K_max
+    controller, requests = _controller(cheap, [0.0] * 4)
+    assert controller.choose(requests) == [0] * 4  # nothing is ever accepted
+
+
+def test_chosen_k_falls_with_verification_cost_and_rises_with_acceptance():
+    def k_for(per_token, alpha):
+        controller, requests = _controller(_time_model(per_token=per_token), [alpha] * 4)
+        return controller.choose(requests)[0]
+
+    costs = [1e-5, 1e-4, 5e-4, 1e-3, 3e-3, 1e-2]
+    by_cost = [k_for(c, 0.8) for c in costs]
+    assert by_cost == sorted(by_cost, reverse=True) and by_cost[0] > by_cost[-1] == 0
+    by_alpha = [k_for(5e-4, a) for a in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)]
+    assert by_alpha == sorted(by_alpha) and by_alpha[0] < by_alpha[-1]
+
+
+def test_no_spec_bias_flips_near_ties_to_zero():
+    # Chosen so speculating beats k = 0 by ~5%: less than the 10% margin.
+    time_model = _time_model(constant=0.01, per_token=7.5e-3)
+    controller, requests = _controller(time_model, [0.5], no_spec_bias=1.0)
+    assert controller.choose(requests) != [0]
+    gain = (
+        controller.metrics()["spec_goodput_predicted"]
+        / controller.metrics()["spec_goodput_no_spec"]
+    )
+    assert 1.0 < gain < 1.1
+    controller, requests = _controller(time_model, [0.5], no_spec_bias=1.1)
+    assert controller.choose(requests) == [0]
+
+
+def _brute_force(time_model, alphas, max_k) -> float:
+    best = 0.0
+    for ks in itertools.product(range(max_k + 1), repeat=len(alphas)):
+        tokens = sum(expected_generated(a, k) for a, k in zip(alphas, ks))
+        best = max(best, tokens / time_model.predict(ks, 100 * len(alphas)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_per_request_greedy_equals_brute_force_under_linear_cost(seed):
+    rng = np.random.default_rng(seed)
+    alphas = list(rng.uniform(0.05, 0.95, size=int(rng.integers(1, 4))))
+    time_model = _time_model(constant=0.01, per_token=float(rng.uniform(1e-4, 4e-3)))
+    controller, requests = _controller(time_model, alphas, max_k=3, no_spec_bias=1.0)
+    controller.choose(requests)
+    predicted = controller.metrics()["spec_goodput_predicted"]
+    alphas = [controller.estimator.alpha(r.request_id) for r in requests]
+    assert predicted == pytest.approx(_brute_force(time_model, alphas, 3), rel=1e-12)
+
+
+def test_per_request_choice_follows_each_requests_acceptance():
+    controller, requests = _controller(_time_model(per_token=1e-3), [0.95, 0.5, 0.1])
+    high, mid, low = controller.choose(requests)
+    assert high > mid > low == 0
+
+
+def test_equal_acceptance_gives_the_uniform_scan_and_fixed_costs_do_not_stop_it_early():
+    # A large fixed cost of speculating: k = 1 loses to k = 0, yet a longer k wins (G is not
+    # unimodal, so a scan that stops at the first non-improving k would wrongly return 0).
+    time_model = _time_model(constant=0.01, per_token=1e-5, draft=(0.012, 0.0, 0.0))
+    uniform, requests = _controller(time_model, [0.9] * 3, max_k=8, per_request=False)
+    per_request, _ = _controller(time_model, [0.9] * 3, max_k=8)
+    k_uniform, k_greedy = uniform.choose(requests), per_request.choose(requests)
+    assert k_uniform == k_greedy and k_uniform[0] > 1
+    g = {k: 3 * expected_generated(0.9, k) / time_model.predict([k] * 3, 300) for k in range(9)}
+    assert g[1] < 1.1 * g[0] < g[k_uniform[0]] == max(g.values())
+
+
+def test_caps_limit_proposals_and_requests_without_proposals_count_one_token():
+    controller, _ = _controller(_time_model(constant=0.05, per_token=0.0), [0.9, 0.9, 0.9])
+    requests = [SpecCandidate(0, 50, 2), SpecCandidate(1, 50, 0), SpecCandidate(2, 50, 20)]
+    assert controller.choose(requests) == [2, 0, 8]

@@ -1,0 +1,210 @@
+"""Lossless speculative decoding (kiln.engine.spec_decode): the brief's properties 1-4 and 9."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kiln.engine.model_runner import ModelRunner
+from kiln.engine.params import SamplingParams
+from kiln.engine.spec_decode import (
+    DraftModelProposer,
+    NgramProposer,
+    Speculator,
+    verify_greedy,
+    verify_sampled,
+)
+from kiln.engine.speculation_api import Proposal, SpecRequestState, StepStats
+
+VOCAB, K, TRIALS = 8, 3, 20_000
+
+
+def _markov(seed: int) -> torch.Tensor:
+    """A random next-token table [V, V], no entry below 1/(2V) so every chi-square cell is full."""
+    torch.manual_seed(seed)
+    rows = torch.distributions.Dirichlet(torch.ones(VOCAB)).sample((VOCAB,))
+    return 0.5 * rows + 0.5 / VOCAB
+
+
+TARGET, DRAFT = _markov(1), _markov(2)  # p(x | previous token), q(x | previous token)
+START = 0  # the context's last token
+
+
+def _step(verifier, context_last: torch.Tensor, generator: torch.Generator) -> list[list[int]]:
+    """One speculative step per trial: draft K tokens from the draft chain, verify them."""
+    drafts, previous = [], context_last
+    for _ in range(K):
+        previous = torch.multinomial(DRAFT[previous], 1, generator=generator).squeeze(1)
+        drafts.append(previous)
+    drafts = torch.stack(drafts, 1)  # [trials, K]
+    conditioning = torch.cat([context_last[:, None], drafts], 1)  # token before each position
+    return [
+        verifier(TARGET[cond], DRAFT[cond[:K]], draft.tolist(), generator)
+        for cond, draft in zip(conditioning, drafts)
+    ]
+
+
+def _first_two_tokens(verifier, trials: int = TRIALS) -> np.ndarray:
+    """Index t1·V + t2 of the first two emitted tokens, running a second step when needed."""
+    generator = torch.Generator().manual_seed(1234)
+    first = _step(verifier, torch.full((trials,), START), generator)
+    short = [i for i, out in enumerate(first) if len(out) == 1]
+    second = _step(
+        verifier, torch.tensor([first[i][0] for i in short], dtype=torch.long), generator
+    )
+    for i, out in zip(short, second):
+        first[i] = first[i] + out
+    return np.array([out[0] * VOCAB + out[1] for out in first])
+
+
+def _p_value(pairs: np.ndarray, first_only: bool) -> float:
+    if first_only:
+        observed = np.bincount(pairs // VOCAB, minlength=VOCAB)
+        expected = TARGET[START].double().numpy()
+    else:
+        observed = np.bincount(pairs, minlength=VOCAB * VOCAB)
+        expected = (TARGET[START][:, None] * TARGET).double().flatten().numpy()
+    return chisquare(observed, expected / expected.sum() * len(pairs)).pvalue
+
+
+def _resample_from_target(target_probs, draft_probs, draft_tokens, generator):
+    """A biased verifier (negative control): at a rejection it samples p, not the residual."""
+    for j, token in enumerate(draft_tokens):
+        u = torch.rand((), generator=generator)
+        if u * draft_probs[j, token] > target_probs[j, token]:
+            return [
+                *draft_tokens[:j],
+                int(torch.multinomial(target_probs[j], 1, generator=generator)),
+            ]
+    return [*draft_tokens, int(torch.multinomial(target_probs[-1], 1, generator=generator))]
+
+
+def _accept_always(target_probs, draft_probs, draft_tokens, generator):
+    return [*draft_tokens, int(torch.multinomial(target_probs[-1], 1, generator=generator))]
+
+
+def test_sampled_verification_reproduces_the_target_distribution():
+    pairs = _first_two_tokens(verify_sampled)
+    assert _p_value(pairs, first_only=True) > 1e-3
+    assert _p_value(pairs, first_only=False) > 1e-3
+
+
+@pytest.mark.parametrize("biased", [_resample_from_target, _accept_always])
+def test_biased_verifiers_fail_the_same_test(biased):
+    pairs = _first_two_tokens(biased, trials=TRIALS // 4)
+    assert min(_p_value(pairs, True), _p_value(pairs, False)) < 1e-6
+
+
+def test_point_mass_drafts_accept_with_target_probability_and_never_resample_the_draft():
+    target = torch.tensor([[0.3, 0.7, 0.0], [0.2, 0.2, 0.6]])
+    generator = torch.Generator().manual_seed(0)
+    outs = [verify_sampled(target, None, [1], generator) for _ in range(4000)]
+    accepted = np.mean([len(out) == 2 for out in outs])
+    assert abs(accepted - 0.7) < 0.03  # P(accept) = p(x)
+    assert all(out[0] == 0 for out in outs if len(out) == 1)  # residual puts no mass on x
+    # q(x) = 0: rejected, no NaN, the residual is p itself here.
+    draft_probs = torch.tensor([[0.0, 0.0, 1.0]])
+    assert all(len(verify_sampled(target, draft_probs, [1], generator)) == 1 for _ in range(50))
+
+
+def test_each_step_emits_between_one_and_k_plus_one_tokens():
+    generator = torch.Generator().manual_seed(0)
+    lengths = {
+        len(out) for out in _step(verify_sampled, torch.zeros(500, dtype=torch.long), generator)
+    }
+    assert lengths <= set(range(1, K + 2)) and len(lengths) > 2
+    assert len(verify_sampled(TARGET[:1], None, [], generator)) == 1  # k = 0: a plain sample
+
+
+def test_greedy_verification_equals_step_by_step_argmax():
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    argmax = logits.argmax(-1).tolist()
+    for agree in range(5):
+        drafts = argmax[:agree] + [(argmax[agree] + 1) % 11] * (4 - agree)
+        assert verify_greedy(logits, drafts) == argmax[: agree + 1]
+    assert verify_greedy(logits, argmax[:4]) == argmax  # all accepted, plus the bonus argmax
+    assert verify_greedy(logits[:1], []) == argmax[:1]
+
+
+def test_ngram_proposer_continues_the_latest_longest_match():
+    proposer = NgramProposer(min_n=1, max_n=3)
+    # "5 6 7" occurs earlier twice; the latest occurrence continues with 9 1.
+    assert proposer.lookup([5, 6, 7, 8, 2, 5, 6, 7, 9, 1, 3, 5, 6, 7], k=2) == [9, 1]
+    assert proposer.lookup([1, 2, 3, 4, 2], k=5) == [3, 4, 2]  # bigram missing, unigram "2"
+    assert proposer.lookup([1, 2, 3, 4], k=3) == []  # no earlier occurrence: no proposal
+    assert proposer.lookup([7], k=3) == []
+    assert NgramProposer(min_n=2, max_n=3).lookup([1, 2, 3, 4, 2], k=2) == []
+
+
+def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).double().eval()
+
+
+def _state(rid: str, tokens: list[int], temperature: float = 0.0, k: int = 8) -> SpecRequestState:
+    params = SamplingParams(max_tokens=32, temperature=temperature)
+    return SpecRequestState(rid, tokens, len(tokens), params, torch.Generator().manual_seed(7), k)
+
+
+@torch.inference_mode()
+def test_draft_equal_to_target_is_always_accepted_and_rolls_its_cache_back():
+    model = _tiny_llama()
+    proposer = DraftModelProposer(model)
+    context = [3, 17, 5, 9, 41]
+    for _ in range(3):  # later rounds reuse the cache
+        proposal = proposer.propose([_state("a", context)], {"a": 4})["a"]
+        assert proposal.probs is None  # greedy: a point mass
+        logits = model(torch.tensor([context + proposal.token_ids])).logits[0, -5:]
+        emitted = verify_greedy(logits, proposal.token_ids)
+        assert emitted[:4] == proposal.token_ids and len(emitted) == 5
+        context = context + emitted
+    # Rollback: only two drafts accepted, then a different token; the cropped cache must give
+    # what a fresh proposer computes from scratch.
+    proposal = proposer.propose([_state("a", context)], {"a": 4})["a"]
+    context = context + proposal.token_ids[:2] + [(proposal.token_ids[2] + 1) % 64]
+    cached = proposer.propose([_state("a", context)], {"a": 4})["a"].token_ids
+    assert (
+        cached == DraftModelProposer(model).propose([_state("b", context)], {"b": 4})["b"].token_ids
+    )
+    proposer.free("a")
+    assert "a" not in proposer._states
+
+
+def test_sampled_draft_returns_the_distributions_its_tokens_came_from():
+    proposer = DraftModelProposer(_tiny_llama())
+    proposal = proposer.propose([_state("a", [1, 2, 3], temperature=0.8)], {"a": 3})["a"]
+    assert proposal.probs.shape == (3, 64)
+    assert torch.allclose(proposal.probs.sum(-1), torch.ones(3, dtype=proposal.probs.dtype))
+    assert all(proposal.probs[j, t] > 0 for j, t in enumerate(proposal.token_ids))
+
+
+def test_speculator_with_ngram_and_fixed_k_wires_propose_verify_observe():
+    speculator = Speculator(NgramProposer(), fixed_k=3)
+    states = [_state("a", [4, 5, 6, 7, 4, 5], k=2), _state("b", [1, 2, 3])]
+    k = speculator.choose_k(states)
+    assert k == {"a": 2}  # capped by max_new_proposals; "b" has no match
+    proposals = speculator.propose(states, k)
+    assert proposals == {"a": Proposal([6, 7])}
+    logits = torch.full((3, 10), -5.0)
+    logits[0, 6] = logits[1, 0] = logits[2, 1] = 5.0  # target agrees with 6, then says 0
+    out = speculator.verify(states, proposals, {"a": logits, "b": logits[:1]})
+    assert out == {"a": [6, 0], "b": [6]}
+    speculator.observe(StepStats(2, 4, 9, {"a": 2, "b": 0}, {"a": 1, "b": 0}, 3, 0.0, 0.01, 0.01))
+    assert speculator.estimator.alpha("a") < speculator.estimator.alpha() < 0.7
+
+
+def test_smartspec_speculator_calibrates_on_a_model_runner():
+    speculator = Speculator(NgramProposer(), fixed_k=None, max_k=4)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        speculator.choose_k([_state("a", [1, 2, 1, 2, 1])])
+    runner = ModelRunner(_tiny_llama().float(), num_blocks=16, block_size=16)
+    speculator.calibrate(runner, max_num_seqs=4)
+    k = speculator.choose_k([_state("a", [1, 2, 1, 2, 1])])
+    assert 0 <= k["a"] <= 2 and "spec_goodput_predicted" in speculator.metrics()
