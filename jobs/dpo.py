@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs import pretrain_lm
-from jobs.runner import Job, SweepSpec, cached_run, main
+from jobs.runner import Job, SweepSpec, assets_dir, cached_run, main
 from kiln import lm
 from kiln.config import ConfigError, JobConfig, load_config
 from kiln.dpo import dpo_loss, ipo_loss, nll_regularised_dpo_loss, pair_logps
@@ -110,12 +110,8 @@ class DPOConfig(JobConfig):
     }
 
 
-def _assets(run_dir: Path) -> Path:
-    return run_dir / "assets"
-
-
 def _data_info(run_dir: Path) -> dict:
-    return json.loads((_assets(run_dir) / "data.json").read_text())
+    return json.loads((assets_dir(run_dir) / "data.json").read_text())
 
 
 def _resolve_base(base_model: str) -> Path:
@@ -193,7 +189,7 @@ def _build_pairs(config: DPOConfig, model, tokenizer, world: TextWorld) -> tuple
 
 
 def prepare(config: DPOConfig, run_dir: Path) -> None:
-    assets = _assets(run_dir)
+    assets = assets_dir(run_dir)
     if (assets / "data.json").is_file():
         return
     assets.mkdir(parents=True, exist_ok=True)
@@ -261,7 +257,7 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(config: DPOConfig, run_dir: Path) -> PairDataset:
-    return PairDataset(torch.load(_assets(run_dir) / "pairs.pt"))
+    return PairDataset(torch.load(assets_dir(run_dir) / "pairs.pt"))
 
 
 def step(model, batch: dict[str, torch.Tensor], config: DPOConfig):
@@ -299,7 +295,7 @@ def step(model, batch: dict[str, torch.Tensor], config: DPOConfig):
 
 @functools.lru_cache(maxsize=1)
 def _probe(run_dir: Path) -> dict:
-    return torch.load(_assets(run_dir) / "probe.pt")
+    return torch.load(assets_dir(run_dir) / "probe.pt")
 
 
 def diagnose(model, config: DPOConfig, run_dir: Path) -> dict[str, float]:

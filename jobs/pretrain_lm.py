@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs.runner import Job, main
+from jobs.runner import Job, assets_dir, main
 from kiln import lm
 from kiln.config import JobConfig
 from kiln.worlds.text import TextWorld, TextWorldConfig
@@ -103,12 +103,8 @@ class PretrainLMConfig(JobConfig):
     }
 
 
-def _assets(run_dir: Path) -> Path:
-    return run_dir / "assets"
-
-
 def prepare(config: PretrainLMConfig, run_dir: Path) -> None:
-    assets = _assets(run_dir)
+    assets = assets_dir(run_dir)
     if (assets / "train.pt").is_file():
         return
     train = TextWorld(config.world).split("train")
@@ -123,7 +119,7 @@ def prepare(config: PretrainLMConfig, run_dir: Path) -> None:
 
 
 def build_model(config: PretrainLMConfig, run_dir: Path) -> torch.nn.Module:
-    tokenizer = AutoTokenizer.from_pretrained(_assets(run_dir) / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(assets_dir(run_dir) / "tokenizer")
     return lm.build_model(config.model, tokenizer)
 
 
@@ -139,7 +135,7 @@ class PackedBlocks(torch.utils.data.Dataset):
 
 
 def build_dataset(config: PretrainLMConfig, run_dir: Path) -> PackedBlocks:
-    return PackedBlocks(torch.load(_assets(run_dir) / "train.pt"))
+    return PackedBlocks(torch.load(assets_dir(run_dir) / "train.pt"))
 
 
 def step(model, batch: dict[str, torch.Tensor], config: PretrainLMConfig):
@@ -155,7 +151,7 @@ def step(model, batch: dict[str, torch.Tensor], config: PretrainLMConfig):
 
 def export(model, config: PretrainLMConfig, run_dir: Path, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(_assets(run_dir) / "tokenizer").save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(assets_dir(run_dir) / "tokenizer").save_pretrained(out_dir)
 
 
 def evaluate(config: PretrainLMConfig, run_dir: Path) -> dict[str, float]:

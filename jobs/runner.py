@@ -275,6 +275,11 @@ def _save_and_report(
     (run_dir / "checkpoints" / name / f"rank_{rank}.complete").touch()
 
 
+def assets_dir(run_dir: Path) -> Path:
+    """Where a job's `prepare` writes what its workers share (tokenizer, data, teacher)."""
+    return run_dir / "assets"
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint of run_dir that every rank finished writing.
 

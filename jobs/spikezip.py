@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from sklearn.datasets import load_digits
 
-from jobs.runner import Job, SweepSpec, cached_run, main
+from jobs.runner import Job, SweepSpec, assets_dir, cached_run, main
 from kiln import snn
 from kiln.config import JobConfig, RunnerConfig, Section
 
@@ -170,13 +170,9 @@ FP_JOB = Job(
 # Stage 2: the QANN, distilled from the teacher; stage 3 (SNN) in `evaluate`
 
 
-def _assets(run_dir: Path) -> Path:
-    return run_dir / "assets"
-
-
 def prepare(config: SpikeZipConfig, run_dir: Path) -> None:
     """Train (or find) the teacher; keep a copy of it and its logits on the training images."""
-    assets = _assets(run_dir)
+    assets = assets_dir(run_dir)
     if (assets / "teacher_logits.pt").is_file():
         return
     teacher_run = cached_run(FP_JOB, teacher_config(config))
@@ -192,7 +188,7 @@ def prepare(config: SpikeZipConfig, run_dir: Path) -> None:
 def build_model(config: SpikeZipConfig, run_dir: Path) -> snn.ViT:
     """The QANN: the teacher's weights, quantiser steps set on a fixed calibration batch."""
     qann = snn.ViT(config.model, config.levels)
-    teacher = snn.load_pretrained(_assets(run_dir) / "teacher", levels=None)
+    teacher = snn.load_pretrained(assets_dir(run_dir) / "teacher", levels=None)
     qann.load_state_dict(teacher.state_dict(), strict=False)  # only the steps are new
     images, _ = digits(config.data, "train")
     snn.calibrate(qann, images[: config.calibration_images])
@@ -201,7 +197,7 @@ def build_model(config: SpikeZipConfig, run_dir: Path) -> snn.ViT:
 
 def build_dataset(config: SpikeZipConfig, run_dir: Path) -> Examples:
     images, labels = digits(config.data, "train")
-    teacher_logits = torch.load(_assets(run_dir) / "teacher_logits.pt")
+    teacher_logits = torch.load(assets_dir(run_dir) / "teacher_logits.pt")
     return Examples(image=images, label=labels, teacher_logits=teacher_logits)
 
 
@@ -216,7 +212,7 @@ def step(model, batch: dict[str, torch.Tensor], config: SpikeZipConfig):
 @torch.no_grad()
 def evaluate(config: SpikeZipConfig, run_dir: Path) -> dict[str, float]:
     images, labels = digits(config.data, "test")
-    teacher = snn.load_pretrained(_assets(run_dir) / "teacher", levels=None)
+    teacher = snn.load_pretrained(assets_dir(run_dir) / "teacher", levels=None)
     qann = snn.load_pretrained(run_dir / "model", levels=config.levels).double()
     qann_logits = qann(images.double())
     spiking = snn.convert(qann).run(images.double(), config.max_snn_steps)
