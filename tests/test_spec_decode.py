@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
+from engine_models import build_tiny_llama, hf_greedy
 from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kiln.engine import LLMEngine
 from kiln.engine.model_runner import ModelRunner
 from kiln.engine.params import SamplingParams
 from kiln.engine.spec_decode import (
@@ -174,7 +178,24 @@ def test_draft_equal_to_target_is_always_accepted_and_rolls_its_cache_back():
         cached == DraftModelProposer(model).propose([_state("b", context)], {"b": 4})["b"].token_ids
     )
     proposer.free("a")
-    assert "a" not in proposer._states
+    assert "a" not in proposer._cached
+    proposer.block_manager.check_invariants()
+    assert proposer.block_manager.num_free_blocks == proposer.block_manager.num_blocks
+
+
+@torch.inference_mode()
+def test_batched_drafts_equal_one_request_at_a_time():
+    model = _tiny_llama()
+    batched = DraftModelProposer(model)
+    contexts = {"a": [3, 17, 5, 9, 41], "b": [8] * 20, "c": [1, 2]}
+    k = {"a": 4, "b": 1, "c": 3}
+    for _ in range(2):  # the second round rolls back the unfed last draft and reuses the rest
+        together = batched.propose([_state(rid, c) for rid, c in contexts.items()], k)
+        for rid, context in contexts.items():
+            alone = DraftModelProposer(model).propose([_state(rid, context)], {rid: k[rid]})
+            assert together[rid].token_ids == alone[rid].token_ids
+            contexts[rid] = context + together[rid].token_ids[:1] + [7]
+    assert batched.propose([_state("a", contexts["a"])], {"a": 0}) == {}
 
 
 def test_sampled_draft_returns_the_distributions_its_tokens_came_from():
@@ -208,3 +229,47 @@ def test_smartspec_speculator_calibrates_on_a_model_runner():
     speculator.calibrate(runner, max_num_seqs=4)
     k = speculator.choose_k([_state("a", [1, 2, 1, 2, 1])])
     assert 0 <= k["a"] <= 2 and "spec_goodput_predicted" in speculator.metrics()
+
+
+@pytest.fixture(scope="module")
+def engine_models(tmp_path_factory):
+    torch.set_num_threads(1)
+    target = build_tiny_llama(tmp_path_factory.mktemp("target"), seed=0)
+    draft = build_tiny_llama(tmp_path_factory.mktemp("draft"), seed=1)  # same tokenizer
+    return target, draft
+
+
+def test_batched_draft_proposer_in_the_engine_matches_hf_generate_and_frees_every_block(
+    engine_models,
+):
+    target, draft = engine_models
+    rng = random.Random(3)
+    prompts = [[1] + [rng.randrange(3, 250) for _ in range(n)] for n in (2, 9, 17, 30)]
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=16, temperature=0.9, seed=5)
+    engine = LLMEngine(
+        target, draft_model=draft, proposer="draft", speculation=3, block_size=4, max_num_seqs=8
+    )
+    outputs = engine.generate([*prompts, prompts[1]], [greedy] * len(prompts) + [sampled])
+    assert [o.token_ids for o in outputs[:-1]] == hf_greedy(target, prompts, 16)
+    proposed = sum(o.spec_stats["proposed"] for o in outputs)
+    assert 0 < sum(o.spec_stats["accepted"] for o in outputs) < proposed  # rollbacks happened
+    for blocks in (engine.block_manager, engine.speculator.proposer.block_manager):
+        blocks.check_invariants()
+        assert blocks.num_free_blocks == blocks.num_blocks
+
+
+def test_smartspec_choosing_zero_runs_no_draft_forward(engine_models, monkeypatch):
+    target, draft = engine_models
+    engine = LLMEngine(target, draft_model=draft, proposer="draft", block_size=4, max_num_seqs=4)
+    time_model = engine.speculator.controller.time_model
+    time_model.draft.coefficients = [1.0, 1.0, 1.0]  # a second per draft: never pays
+    time_model.refit_every = 10**9
+    proposer = engine.speculator.proposer
+
+    def no_forward(batch):
+        raise AssertionError("a draft forward ran although every k was 0")
+
+    monkeypatch.setattr(proposer.runner, "execute", no_forward)
+    outputs = engine.generate([[1, 5, 6, 7], [1, 9]], SamplingParams(max_tokens=8, temperature=0))
+    assert all(o.spec_stats["proposed"] == 0 and o.finished for o in outputs)

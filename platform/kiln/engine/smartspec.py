@@ -48,9 +48,9 @@ unmodelled overhead and noise): k = 0 unless speculating is predicted to pay by 
 
 Deviations and reconstructions:
   - The published scan stops at the first k whose G does not improve (assumes G unimodal). We
-    evaluate every prefix (≤ B·K_max cheap dot products) and keep the best, since the fixed
-    speculation costs c_spec and d_0 make G non-unimodal: the first proposal can lose while
-    more proposals win.
+    score every prefix (≤ B·K_max, together in a few tensor ops) and keep the best, since the
+    fixed speculation costs c_spec and d_0 make G non-unimodal: the first proposal can lose
+    while more proposals win.
   - The decision is recomputed every step (the prototypes cache it for 20 or 200 steps): it costs
     well under a millisecond and n-gram caps change every step anyway.
   - The paper's α is a moving average of observed acceptance (V0: global EMA of a ratio that is
@@ -159,6 +159,13 @@ class LinearTimeModel:
             raise RuntimeError("the time model has no fit yet: profile or fit it first")
         return max(sum(c * f for c, f in zip(self.coefficients, features)), 1e-9)
 
+    def predict_many(self, features: torch.Tensor) -> torch.Tensor:
+        """`predict` for every row of a float64 [n, len(feature_names)] tensor at once."""
+        if self.coefficients is None:
+            raise RuntimeError("the time model has no fit yet: profile or fit it first")
+        coefficients = torch.tensor(self.coefficients, dtype=torch.float64)
+        return (features @ coefficients).clamp_min(1e-9)
+
 
 def _seconds(fn: Callable[..., object], *args: int, repeats: int) -> float:
     """Fastest of `repeats` timed calls after one untimed warm-up (fills caches, compiles)."""
@@ -195,6 +202,34 @@ class StepTimeModel:
         seconds = self.target.predict([1, batched_tokens, context_tokens, len(ks), any(ks)])
         if any(ks) and drafting:
             seconds += self.draft.predict([1, max(ks), sum(ks)])
+        return seconds
+
+    def predict_prefixes(
+        self,
+        num_seqs: int,
+        total_k: torch.Tensor,
+        max_k: torch.Tensor,
+        context_tokens: int,
+        other_tokens: int = 0,
+        drafting: bool = True,
+    ) -> torch.Tensor:
+        """`predict` for many candidate choices at once, each given by its Σk_i and max k_i
+        (float64 [n] tensors, all > 0): SmartSpec scores every prefix of its proposal order in
+        a few tensor ops, so a step's decision stays cheap at large batches."""
+        ones = torch.ones_like(total_k)
+        target = torch.stack(
+            [
+                ones,
+                total_k + num_seqs + other_tokens,
+                ones * context_tokens,
+                ones * num_seqs,
+                ones,
+            ],
+            1,
+        )
+        seconds = self.target.predict_many(target)
+        if drafting:
+            seconds = seconds + self.draft.predict_many(torch.stack([ones, max_k, total_k], 1))
         return seconds
 
     def observe(
@@ -245,8 +280,9 @@ def profile(
                 model.target.add(features, seconds, profiled=True)
     model.target.fit()
     if draft_fn is not None:
-        # passes = k and tokens = num_seqs·k vary independently over this grid.
-        for num_seqs in sorted({1, min(4, max_seqs)}):
+        # passes = k and tokens = num_seqs·k vary independently over this grid, which reaches
+        # the largest batch so a batched drafter's per-token cost is measured, not extrapolated.
+        for num_seqs in sorted({1, min(4, max_seqs), max_seqs}):
             for k in sorted({1, min(4, max_k), max_k}):
                 seconds = _seconds(draft_fn, num_seqs, k, max(context_lens), repeats=repeats)
                 model.draft.add([1, k, num_seqs * k], seconds, profiled=True)
@@ -292,30 +328,41 @@ class SmartSpec:
         caps = [max(0, min(r.max_k, self.max_k)) for r in requests]
         alphas = [self.estimator.alpha(r.request_id) for r in requests]
 
-        def goodput(ks: list[int], expected_tokens: float) -> tuple[float, float]:
-            seconds = self.time_model.predict(ks, context_tokens, other_tokens, self.drafting_cost)
-            return expected_tokens / seconds, seconds
-
-        ks = [0] * len(requests)
-        expected = float(len(requests))
-        no_spec_goodput, seconds = goodput(ks, expected)
-        best = (self.no_spec_bias * no_spec_goodput, list(ks), expected, seconds)
+        no_spec_seconds = self.time_model.predict(
+            [0] * len(requests), context_tokens, other_tokens, self.drafting_cost
+        )
+        no_spec_goodput = len(requests) / no_spec_seconds
+        best = (self.no_spec_bias * no_spec_goodput, 0, float(len(requests)), no_spec_seconds)
         # Items (gain, position j, request i). Per request: best gain first; uniform: a whole
-        # level j across the batch at a time, evaluated only once the level is complete.
+        # level j across the batch at a time, scored only once the level is complete. Every
+        # prefix of this order is a candidate choice; a request's positions enter in order j =
+        # 1, 2, ..., so a prefix's max k_i is the running max of j.
         items = [
             (alphas[i] ** j, j, i) for i in range(len(requests)) for j in range(1, caps[i] + 1)
         ]
         items.sort(key=(lambda it: (-it[0], it[2])) if self.per_request else (lambda it: it[1:]))
-        for position, (gain, level, request) in enumerate(items):
-            ks[request] += 1
-            expected += gain
-            next_level = items[position + 1][1] if position + 1 < len(items) else None
-            if not self.per_request and next_level == level:
-                continue
-            value, seconds = goodput(ks, expected)
-            if value > best[0]:
-                best = (value, list(ks), expected, seconds)
-        _, chosen, expected, seconds = best
+        if items:
+            gains, levels, _ = torch.tensor(items, dtype=torch.float64).unbind(1)
+            expected = len(requests) + gains.cumsum(0)
+            seconds = self.time_model.predict_prefixes(
+                len(requests),
+                torch.arange(1, len(items) + 1, dtype=torch.float64),
+                levels.cummax(0).values,
+                context_tokens,
+                other_tokens,
+                self.drafting_cost,
+            )
+            value = expected / seconds
+            if not self.per_request:  # only complete levels
+                value[:-1][levels[1:] == levels[:-1]] = float("-inf")
+            position = int(value.argmax())  # the first of equal maxima: fewest proposals
+            if value[position] > best[0]:
+                best = (float(value[position]), position + 1)
+                best += (float(expected[position]), float(seconds[position]))
+        _, num_items, expected, seconds = best
+        chosen = [0] * len(requests)
+        for _, _, request in items[:num_items]:
+            chosen[request] += 1
         self._metrics = {
             "spec_k_max": float(max(chosen, default=0)),
             "spec_k_mean": sum(chosen) / len(chosen) if chosen else 0.0,

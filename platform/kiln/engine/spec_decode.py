@@ -24,11 +24,9 @@ q_j = one_hot(x_j). The test above then accepts with probability p_j(x_j) and th
 p_j with x_j's mass removed, renormalised; still lossless. A draft token with q_j(x_j) = 0 is
 rejected (it cannot have come from q_j; this also avoids dividing by zero).
 
-`DraftModelProposer` keeps one Hugging Face `DynamicCache` per request and rolls it back to the
-longest prefix it shares with the request's current tokens (rejected drafts are cropped away),
-so each call feeds only the tokens accepted since the last one plus k - 1 draft tokens. It runs
-requests one at a time with batch size 1: simple and exact, not fast. Batching the draft across
-requests (a second paged model runner, as vLLM does) is the faster design.
+`DraftModelProposer` runs the draft through its own `ModelRunner` and `BlockManager` (paged KV,
+the target's code, as vLLM does): proposing k tokens for the whole batch is one batched catch-up
+forward plus k - 1 batched decode forwards, and rejected drafts are rolled back.
 
 `Speculator` (built by `make_speculator`) is the engine's `speculation_api.Speculator`: a
 proposer plus a fixed k or SmartSpec's goodput controller (`kiln.engine.smartspec`).
@@ -40,8 +38,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from kiln.engine.block_manager import BlockManager
 from kiln.engine.model_runner import ForwardInput, ModelRunner
 from kiln.engine.params import SamplingParams
 from kiln.engine.sampler import probs_from_logits, sample_from_probs
@@ -136,8 +135,15 @@ class NgramProposer:
 
 
 class DraftModelProposer:
-    """A small causal LM that drafts k tokens per request, greedy or from the request's
-    distribution (`probs_from_logits`: temperature, top-k, top-p applied to the draft's logits).
+    """A small causal LM that drafts k tokens for every request at once, greedy or from the
+    request's distribution (`probs_from_logits`: temperature, top-k, top-p on the draft's logits).
+
+    The draft runs through its own `ModelRunner` and `BlockManager` (paged KV, the target's code),
+    so a call is one batched catch-up forward (each request's tokens not yet in the draft's cache,
+    ending with the last one, whose logits give draft 1) plus k - 1 batched decode forwards. A
+    request's draft KV is rolled back lazily, at its next call, to the longest prefix it shares
+    with the request's tokens (rejected drafts go). Requests the engine does not speculate for
+    cost nothing; their KV catches up in the next call that drafts for them.
 
     Sampled requests get the draft distributions q [k, V] in their Proposal; greedy requests get
     None (the draft is then a point mass). The draft must share the target's vocabulary.
@@ -146,65 +152,97 @@ class DraftModelProposer:
     def __init__(
         self,
         model: str | Path | PreTrainedModel,
+        max_num_seqs: int = 8,
+        block_size: int = 16,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
         if not isinstance(model, PreTrainedModel):
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        self.model = model.to(device).eval()
+        model = model.to(device).eval()
         self.device = torch.device(device)
-        # request id -> (tokens whose keys/values the cache holds, the cache)
-        self._states: dict[str, tuple[list[int], DynamicCache | None]] = {}
+        self.max_model_len = model.config.max_position_embeddings
+        # Every sequence at full context: drafting never runs out of blocks.
+        num_blocks = max_num_seqs * -(-self.max_model_len // block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self._cached: dict[str, list[int]] = {}  # request id -> tokens whose KV the draft holds
 
     @property
     def vocab_size(self) -> int:
-        return self.model.get_output_embeddings().weight.shape[0]
+        return self.runner.model.get_output_embeddings().weight.shape[0]
 
     def propose(self, requests: list[SpecRequestState], k: dict[str, int]) -> dict[str, Proposal]:
+        batch, ks, active = [], [], []
+        for request in requests:
+            # The draft KV may hold at most max_model_len tokens: context + k - 1 drafts.
+            n = min(k.get(request.request_id, 0), self.max_model_len + 1 - len(request.token_ids))
+            if n > 0:
+                batch.append(self._catch_up(request, n))
+                ks.append(n)
+                active.append(request)
+        if not batch:
+            return {}
+        drafts: list[list[int]] = [[] for _ in active]
+        probs: list[list[torch.Tensor]] = [[] for _ in active]
+        live = list(range(len(active)))  # requests still drafting
+        logits = self.runner.execute(batch)
+        for step in range(max(ks)):
+            for i, token in zip(live, self._sample([active[i] for i in live], logits, probs, live)):
+                drafts[i].append(token)
+            live = [i for i in live if ks[i] > step + 1]
+            if not live:
+                break
+            for i in live:
+                batch[i] = ForwardInput(
+                    [drafts[i][-1]],
+                    batch[i].start_pos + len(batch[i].token_ids),
+                    batch[i].block_table,
+                    1,
+                )
+            logits = self.runner.execute([batch[i] for i in live])
+        for request, tokens in zip(active, drafts):
+            # The last draft was never fed: the KV holds the context and drafts[:-1].
+            self._cached[request.request_id] = [*request.token_ids, *tokens[:-1]]
         return {
-            request.request_id: self._draft(request, k[request.request_id])
-            for request in requests
-            if k.get(request.request_id, 0) > 0
+            request.request_id: Proposal(tokens, torch.stack(q) if q else None)
+            for request, tokens, q in zip(active, drafts, probs)
         }
 
-    @torch.inference_mode()
-    def _draft(self, request: SpecRequestState, k: int) -> Proposal:
-        tokens = request.token_ids
-        cached_tokens, cache = self._states.get(request.request_id, ([], None))
-        # Reuse the cache up to the shared prefix (drops rejected drafts), but always feed at
-        # least one token so there are logits to draft from.
+    def _catch_up(self, request: SpecRequestState, k: int) -> ForwardInput:
+        """Roll the request's draft KV back to the prefix it shares with the request's tokens
+        (at least one token is always fed), reserve slots for the rest plus k - 1 drafts, and
+        return the catch-up forward's input."""
+        rid, tokens = request.request_id, request.token_ids
+        cached = self._cached.get(rid, [])
         reused = 0
-        while reused < min(len(cached_tokens), len(tokens) - 1) and (
-            cached_tokens[reused] == tokens[reused]
-        ):
+        while reused < min(len(cached), len(tokens) - 1) and cached[reused] == tokens[reused]:
             reused += 1
-        if reused == 0:
-            cache = None
-        elif reused < len(cached_tokens):
-            cache.crop(reused - len(cached_tokens))
-        feed, drafts, draft_probs = tokens[reused:], [], []
-        for _ in range(k):
-            out = self.model(
-                input_ids=torch.tensor([feed], device=self.device),
-                cache=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits = out.logits[0, -1:]
+        held = self.block_manager.num_slots.get(rid, 0)
+        if held:
+            self.block_manager.rollback(rid, held - reused)
+        if not self.block_manager.allocate(rid, len(tokens) - reused + k - 1):
+            raise RuntimeError("the draft's KV cache is full: it is sized for max_num_seqs")
+        return ForwardInput(tokens[reused:], reused, self.block_manager.block_table(rid), 1)
+
+    def _sample(self, requests, logits, probs, live) -> list[int]:
+        """One draft token per request from its last logits row (greedy: the argmax; sampled:
+        drawn with the request's generator, its distribution appended to probs)."""
+        if all(r.params.greedy for r in requests):
+            return torch.cat(logits).argmax(-1).tolist()
+        tokens = []
+        for request, rows, i in zip(requests, logits, live):
             if request.params.greedy:
-                token = int(logits.argmax())
-            else:
-                probs = probs_from_logits(logits, request.params)[0]
-                token = int(sample_from_probs(probs, request.generator))
-                draft_probs.append(probs)
-            drafts.append(token)
-            feed = [token]
-        # The last draft was never fed, so the cache holds the context and drafts[:-1].
-        self._states[request.request_id] = ([*tokens, *drafts[:-1]], cache)
-        return Proposal(drafts, torch.stack(draft_probs) if draft_probs else None)
+                tokens.append(int(rows[-1].argmax()))
+                continue
+            q = probs_from_logits(rows[-1:], request.params)[0]
+            tokens.append(int(sample_from_probs(q, request.generator)))
+            probs[i].append(q)
+        return tokens
 
     def free(self, request_id: str) -> None:
-        self._states.pop(request_id, None)
+        self.block_manager.free(request_id)
+        self._cached.pop(request_id, None)
 
 
 class Speculator:
@@ -255,14 +293,15 @@ class Speculator:
             ]
             self.proposer.propose(states, {state.request_id: k for state in states})
 
+        max_seqs = min(max_num_seqs, 64)
         time_model = profile_step_time(
             target_fn,
             None if self.proposes_first else draft_fn,
-            max_seqs=min(max_num_seqs, 64),
+            max_seqs=max_seqs,
             max_k=self.max_k,
             context_lens=(max_len // 8, max_len // 2),
         )
-        for i in range(min(4, max_num_seqs)):
+        for i in range(max_seqs):
             self.proposer.free(f"calibrate-{i}")
         self.controller = SmartSpec(
             time_model,
@@ -354,7 +393,9 @@ def make_speculator(config: SpeculationConfig) -> Speculator:
     elif config.proposer == "draft":
         if config.draft_model is None:
             raise ValueError("proposer='draft' needs draft_model, a Hugging Face checkpoint path")
-        proposer = DraftModelProposer(config.draft_model, config.device, config.dtype)
+        proposer = DraftModelProposer(
+            config.draft_model, config.max_num_seqs, config.block_size, config.device, config.dtype
+        )
         if proposer.vocab_size != config.vocab_size:
             raise ValueError(
                 f"the draft's vocabulary ({proposer.vocab_size}) differs from the target's "
