@@ -3,10 +3,10 @@
     python benchmarks/engine_throughput.py [--max-tokens 64] [--threads 2]   # CPU
     python benchmarks/engine_throughput.py --gpu                            # CUDA, 1.1B config
 
-CPU: the `pretrain_lm --preset tiny` model from the kiln cache when it exists, else a random
-Llama of the same shape (hidden 128, 4 layers, vocab 512; the record says which). Prompts are
-text-world prompts; every request generates exactly `--max-tokens` tokens (EOS ignored on both
-sides), greedy. For 1, 8 and 32 concurrent requests it reports generated tokens/s of
+CPU: the `pretrain_lm --preset tiny` model (from the kiln cache; trained there first if
+missing). Prompts are text-world prompts; every request generates exactly `--max-tokens`
+tokens (EOS ignored on both sides), greedy. For 1, 8 and 32 concurrent requests it reports
+generated tokens/s of
 - kiln: all requests submitted at once to `LLMEngine.generate` (continuous batching);
 - HF sequential: `model.generate` one request at a time (measured on up to 8 requests; its
   rate does not depend on how many are waiting);
@@ -35,32 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from kiln.engine import LLMEngine, SamplingParams
 from kiln.worlds.text import TextWorld
 
-TINY_MODEL = Path.home() / ".cache/kiln/pretrain_lm/bf0465fb2183/model"
 CONCURRENCY = (1, 8, 32)
-
-
-def cpu_model(workdir: Path) -> tuple[Path, str]:
-    if (TINY_MODEL / "config.json").exists():
-        return TINY_MODEL, f"pretrain_lm tiny ({TINY_MODEL})"
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(workdir / "model")
-    return workdir / "model", "random-weight Llama, tiny preset shape (no tokenizer: token ids)"
-
-
-def prompts_for(n: int, tokenizer, vocab: int) -> list[list[int]]:
-    examples = TextWorld().split("test", n)
-    if tokenizer is None:
-        return [[1 + (7 * i + j) % (vocab - 1) for j in range(8 + i % 17)] for i in range(n)]
-    return [tokenizer(e.prompt).input_ids for e in examples]
 
 
 def kiln_tokens_per_s(engine: LLMEngine, prompts, max_tokens: int) -> float:
@@ -95,15 +70,17 @@ def hf_tokens_per_s(model, prompts, max_tokens: int, batch: bool, pad_id: int) -
 
 def run_cpu(args) -> dict:
     torch.set_num_threads(args.threads)
-    workdir = Path(tempfile.mkdtemp())
-    path, which = cpu_model(workdir)
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
+    # Imported here: the GPU machines run --gpu without Ray, which the jobs package needs.
+    from jobs.pretrain_lm import pretrained_model
+
+    path = pretrained_model("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     pad_id = model.config.pad_token_id or 0
     engine = LLMEngine(path, max_num_seqs=32, max_num_batched_tokens=1024, device="cpu")
     rows = []
     for n in CONCURRENCY:
-        prompts = prompts_for(n, tokenizer, model.config.vocab_size)
+        prompts = [tokenizer(e.prompt).input_ids for e in TextWorld().split("test", n)]
         kiln = kiln_tokens_per_s(engine, prompts, args.max_tokens)
         sequential = hf_tokens_per_s(model, prompts[:8], args.max_tokens, False, pad_id)
         static = hf_tokens_per_s(model, prompts, args.max_tokens, True, pad_id)
@@ -119,7 +96,7 @@ def run_cpu(args) -> dict:
         )
         print(json.dumps(rows[-1]), flush=True)
     engine.block_manager.check_invariants()
-    return {"model": which, "threads": args.threads, "rows": rows}
+    return {"model": f"pretrain_lm tiny ({path})", "threads": args.threads, "rows": rows}
 
 
 def copy_bandwidth_bytes_per_s(device) -> float:
@@ -155,7 +132,9 @@ def run_gpu(args) -> dict:
     )
     bandwidth = copy_bandwidth_bytes_per_s("cuda")
     roofline = bandwidth / weight_bytes
-    prompts = prompts_for(32, None, config.vocab_size)
+    # Random weights have no tokenizer: synthetic prompts of 8-24 token ids.
+    vocab = config.vocab_size
+    prompts = [[1 + (7 * i + j) % (vocab - 1) for j in range(8 + i % 17)] for i in range(32)]
     engine = LLMEngine(path, max_num_seqs=64, max_num_batched_tokens=2048, device="cuda")
     batch1 = kiln_tokens_per_s(engine, prompts[:1], args.max_tokens)
     batch32 = kiln_tokens_per_s(engine, prompts, args.max_tokens)

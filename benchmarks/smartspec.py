@@ -36,18 +36,11 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from jobs import pretrain_lm
-from jobs.runner import cached_run
-from kiln.config import load_config
 from kiln.engine import LLMEngine, SamplingParams
 from kiln.worlds.text import TextWorld
 
 POLICIES: tuple[str | int, ...] = (0, 1, 2, 4, 8, "smartspec")
 MAX_NUM_SEQS = 32
-
-
-def preset_model(preset: str) -> Path:
-    config = load_config(pretrain_lm.JOB.config_cls, preset)
-    return cached_run(pretrain_lm.JOB, config) / "model"
 
 
 def make_engine(model: Path, draft: Path, proposer: str, policy: str | int) -> LLMEngine:
@@ -155,8 +148,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/smartspec"))
     args = parser.parse_args()
     proposers = args.proposers.split(",")
-    model = args.model or preset_model("tiny")
-    draft = args.draft or (preset_model("draft") if "draft" in proposers else None)
+    model = args.model or pretrain_lm.pretrained_model("tiny")
+    draft = args.draft or (pretrain_lm.pretrained_model("draft") if "draft" in proposers else None)
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [tokenizer(e.prompt).input_ids for e in TextWorld().split("test", args.requests)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)

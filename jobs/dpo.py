@@ -30,9 +30,9 @@ from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs import pretrain_lm
-from jobs.runner import Job, SweepSpec, assets_dir, cached_run, main
+from jobs.runner import Job, SweepSpec, assets_dir, main
 from kiln import lm
-from kiln.config import ConfigError, JobConfig, load_config
+from kiln.config import ConfigError, JobConfig
 from kiln.dpo import dpo_loss, ipo_loss, nll_regularised_dpo_loss, pair_logps
 from kiln.dpo.data import (
     offline_pairs,
@@ -116,9 +116,7 @@ def _data_info(run_dir: Path) -> dict:
 
 def _resolve_base(base_model: str) -> Path:
     if base_model.startswith(PRETRAIN_PREFIX):
-        preset = base_model.removeprefix(PRETRAIN_PREFIX)
-        config = load_config(pretrain_lm.PretrainLMConfig, preset)
-        return cached_run(pretrain_lm.JOB, config) / "model"
+        return pretrain_lm.pretrained_model(base_model.removeprefix(PRETRAIN_PREFIX))
     path = Path(base_model).expanduser().resolve()
     if not (path / "config.json").is_file():
         raise ConfigError(

@@ -16,9 +16,9 @@ import torch
 from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs.runner import Job, assets_dir, main
+from jobs.runner import Job, assets_dir, cached_run, main
 from kiln import lm
-from kiln.config import JobConfig
+from kiln.config import JobConfig, load_config
 from kiln.worlds.text import TextWorld, TextWorldConfig
 from kiln.worlds.tokenizer import train_tokenizer
 
@@ -178,6 +178,12 @@ JOB = Job(
     export=export,
     evaluate=evaluate,
 )
+
+
+def pretrained_model(preset: str) -> Path:
+    """The exported model of `preset`, trained the first time it is asked for (kiln cache)."""
+    return cached_run(JOB, load_config(PretrainLMConfig, preset)) / "model"
+
 
 if __name__ == "__main__":
     main(JOB)
