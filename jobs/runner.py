@@ -30,6 +30,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -188,12 +189,23 @@ def _train_worker(payload: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if runner.use_gpu else "cpu")
     import deepspeed
 
+    # DeepSpeed JIT-compiles a shared-memory all-reduce op when each CPU worker starts (a
+    # minute of a 2-core machine, repeated whenever the cached build's flags differ). Only its
+    # inference all-reduce uses the op, never training, so the runner skips building it.
+    # (`deepspeed.comm.torch` is the torch package re-exported, hence import_module.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
     device = torch.device(f"cuda:{context.get_local_rank()}" if runner.use_gpu else "cpu")
     if runner.use_gpu:
         torch.cuda.set_device(device)
     torch.manual_seed(runner.seed)
     model = job.build_model(config, run_dir)
     dataset = job.build_dataset(config, run_dir)
+    # DeepSpeed broadcasts parameters viewed as bytes, which fails for 0-dim ones (CLIP's
+    # logit_scale): they train as shape [1] and get their own shape back for the export.
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    for p in scalars:
+        p.data = p.data.reshape(1)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -252,6 +264,8 @@ def _train_worker(payload: dict) -> None:
             _save_and_report(engine, step, rank, world_size, run_dir, {"step": step, **reduced})
     if logger:
         logger.close()
+    for p in scalars:
+        p.data = p.data.reshape(())
     _export(job, engine, config, run_dir, rank)
 
 
@@ -311,9 +325,12 @@ def _export(job: Job, engine, config: JobConfig, run_dir: Path, rank: int) -> No
     )
     with gathered:
         if rank == 0:
-            staging = run_dir / "model.partial"
+            # A run killed after its export but before summary.json re-exports on the re-run.
+            staging, final = run_dir / "model.partial", run_dir / "model"
+            shutil.rmtree(staging, ignore_errors=True)
             job.export(module, config, run_dir, staging)
-            staging.replace(run_dir / "model")
+            shutil.rmtree(final, ignore_errors=True)
+            staging.replace(final)
 
 
 def connect_ray() -> None:
@@ -322,6 +339,17 @@ def connect_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def check_config(config: JobConfig, run_dir: Path) -> None:
+    """Write run_dir/config.yaml, refusing to resume a run that was started with another one."""
+    config_file, resolved = run_dir / "config.yaml", config.to_yaml()
+    if config_file.exists() and config_file.read_text() != resolved:
+        raise ConfigError(
+            f"--output {str(run_dir)!r} holds a run with a different config.yaml; "
+            "resume it with --config that file, or choose a new --output"
+        )
+    config_file.write_text(resolved)
 
 
 def run(job: Job[C], config: C, run_dir: str | Path, callbacks: list | None = None) -> dict:
@@ -335,13 +363,7 @@ def run(job: Job[C], config: C, run_dir: str | Path, callbacks: list | None = No
     runner = config.runner
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file, resolved = run_dir / "config.yaml", config.to_yaml()
-    if config_file.exists() and config_file.read_text() != resolved:
-        raise ConfigError(
-            f"--output {str(run_dir)!r} holds a run with a different config.yaml; "
-            "resume it with --config that file, or choose a new --output"
-        )
-    config_file.write_text(resolved)
+    check_config(config, run_dir)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():
         print(f"[{job.name}] {run_dir} is already complete; not training again", file=sys.stderr)
@@ -392,33 +414,56 @@ def run(job: Job[C], config: C, run_dir: str | Path, callbacks: list | None = No
 
 
 def cached_run(job: Job[C], config: C) -> Path:
-    """The run directory of `job` trained with `config`, training it only the first time.
+    """The run directory of `job` trained with `config`, training it only the first time."""
+    return cached(job.name, config, lambda run_dir: run(job, config, run_dir))
 
-    Base models that later jobs start from are cached by config fingerprint under
-    $KILN_CACHE (default ~/.cache/kiln); an interrupted run resumes where it stopped.
-    """
+
+def cached(name: str, config: JobConfig, train: Callable[[Path], Any]) -> Path:
+    """`train(run_dir)` once per config: base models later jobs start from are cached by config
+    fingerprint under $KILN_CACHE (default ~/.cache/kiln); an interrupted run resumes where it
+    stopped."""
     root = Path(os.environ.get(CACHE_ENV, "~/.cache/kiln")).expanduser()
-    run_dir = root / job.name / config.fingerprint()
+    run_dir = root / name / config.fingerprint()
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir.parent / f"{run_dir.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two processes asking for one base train it once
-        run(job, config, run_dir)
+        train(run_dir)
     return run_dir
 
 
 def main(job: Job, argv: list[str] | None = None) -> dict:
-    """The command line every job shares: --preset, --config, --set, --output."""
+    """The command line every runner job shares: --preset, --config, --set, --output."""
     if job.step.__module__ == "__main__":
         # Under `python -m jobs.<name>` the hooks live in __main__, which workers cannot import;
         # the module's own JOB pickles by reference like any library code.
         job = importlib.import_module(f"jobs.{job.name}").JOB
-    presets = sorted(job.config_cls.presets)
+    summary, run_dir = cli(
+        job.name, job.config_cls, lambda config, out: run(job, config, out), argv
+    )
+    print(
+        f"  model:       {run_dir / 'model'}  (a save_pretrained folder)\n"
+        f"  metrics:     {run_dir / 'metrics.jsonl'}, {run_dir / 'summary.json'}\n"
+        f"  checkpoints: {run_dir / 'checkpoints'}\n"
+        f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}",
+        file=sys.stderr,
+    )
+    return summary
+
+
+def cli(
+    name: str,
+    config_cls: type[C],
+    train: Callable[[C, Path], dict],
+    argv: list[str] | None = None,
+) -> tuple[dict, Path]:
+    """Parse --preset/--config/--set/--output for `python -m jobs.<name>` and call `train`."""
+    presets = sorted(config_cls.presets)
     parser = argparse.ArgumentParser(
-        prog=f"python -m jobs.{job.name}",
-        description=job.config_cls.__doc__,
+        prog=f"python -m jobs.{name}",
+        description=config_cls.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config fields (set with --set key=value or in --config YAML):\n"
-        + "\n".join(describe_fields(job.config_cls)),
+        + "\n".join(describe_fields(config_cls)),
     )
     parser.add_argument(
         "--preset",
@@ -438,21 +483,14 @@ def main(job: Job, argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     try:
-        config = load_config(job.config_cls, args.preset, args.config, args.set)
+        config = load_config(config_cls, args.preset, args.config, args.set)
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")
-    run_dir = Path(args.output or f"runs/{job.name}/{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = Path(args.output or f"runs/{name}/{datetime.now():%Y%m%d-%H%M%S}")
     try:
-        summary = run(job, config, run_dir)
+        summary = train(config, run_dir)
     except ConfigError as error:  # bad input found while preparing data, before any worker
         parser.exit(2, f"error: {error}\n")
     print(json.dumps(summary, indent=2))
-    print(
-        f"\nrun directory: {run_dir.resolve()}\n"
-        f"  model:       {run_dir / 'model'}  (a save_pretrained folder)\n"
-        f"  metrics:     {run_dir / 'metrics.jsonl'}, {run_dir / 'summary.json'}\n"
-        f"  checkpoints: {run_dir / 'checkpoints'}\n"
-        f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}",
-        file=sys.stderr,
-    )
-    return summary
+    print(f"\nrun directory: {run_dir.resolve()}", file=sys.stderr)
+    return summary, run_dir
