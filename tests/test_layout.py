@@ -20,7 +20,8 @@ def test_platform_is_the_standard_library_module():
 def test_kiln_core_imports_without_ray_or_deepspeed():
     done = _python(
         "import sys, kiln, kiln.config, kiln.dpo, kiln.dpo.data, kiln.dpo.plots, kiln.lm, "
-        "kiln.engine, kiln.snn, kiln.tracking, kiln.worlds.text, kiln.worlds.tokenizer\n"
+        "kiln.engine, kiln.snn, kiln.tracking, kiln.worlds.text, kiln.worlds.tokenizer, "
+        "kiln.worlds.shapes, kiln.diffusion.base, kiln.diffusion.evaluate\n"
         "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]\n"
         "assert not bad, bad"
     )
