@@ -1,0 +1,360 @@
+"""Low-shot shape classification on the shapes world: the GP ensemble (arXiv 2404.00312) against
+zero-shot CLIP, a linear probe, Tip-Adapter, kNN, a zero-mean GP and single-model GPs.
+
+    python -m jobs.gp_fewshot --preset tiny [--set base_run=/path/to/pretrain_diffusion/run]
+        [--set shots=[1,4] --set seeds=2] [--output runs/gp_fewshot]
+
+Not a Ray Train job: every fit is an exact GP on at most 16 shots x 6 classes, on features of
+frozen models computed once on the driver. The classes are the world's `shape` attribute (five
+shapes and the face, 6 classes; the world's container scenes count as the shape they hold).
+Shots are drawn from `pool_size` training-split images, nested across shot counts (seed s, k
+shots = the first k of a per-class permutation); every method sees the same shots. Test images
+are the world's test split, and the "shifted" split is the same scenes drawn with
+`shifted_palette` (colours and backgrounds never seen by any model). Zero-shot prompts for a
+class are the world's captions of one object of that shape over every colour and background
+(24 per class), embedded by the CLIP text tower and averaged.
+
+The run directory gets:
+
+    summary.json           rows {method, shots, split, accuracy, ece, nll}: means over seeds
+                           (plus the GP ensemble's mean kernel weights per shot count)
+    results.md             the same table, accuracy ± std over seeds, and the accuracy drop
+                           from the test to the shifted split
+    accuracy_vs_shots.png  one panel per split
+    reliability.png        per method, test split, pooled over seeds and shot counts
+    classifier/            the GP ensemble fitted at the largest shot count (seed 0):
+                           `kiln.gp.FewShotClassifier.load(path)` serves it
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+from tqdm.auto import tqdm
+
+from jobs.runner import check_config, cli
+from kiln.config import ConfigError, JobConfig
+from kiln.gp import FeatureExtractor, FewShotClassifier, GPEnsemble, fit_gp
+from kiln.gp import baselines as bl
+from kiln.worlds.shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, ShapesWorld, ShapesWorldConfig
+from kiln.worlds.shapes import caption as world_caption
+
+ATTRIBUTE = "shape"
+# Unseen hues, each far from its default and readable on every shifted background.
+SHIFTED_PALETTE = {
+    "black": (20, 30, 90),
+    "white": (250, 200, 215),
+    "gray": (0, 128, 128),
+    "brown": (100, 110, 30),
+    "red": (160, 20, 60),
+    "green": (120, 230, 60),
+    "blue": (120, 160, 255),
+    "yellow": (200, 200, 140),
+    "purple": (170, 90, 250),
+    "orange": (150, 80, 20),
+}
+
+
+class GPFewShotConfig(JobConfig):
+    """Low-shot shape classification: the GP ensemble of pre-trained models vs baselines.
+
+    Runs on the driver: the inherited `runner` section is not used.
+    """
+
+    base_run: Path | None = Field(
+        None,
+        description="Run directory of jobs.pretrain_diffusion (clip/model and the `models`); "
+        "default: the cached `tiny` base.",
+    )
+    models: dict[str, str] = Field(
+        {"clip": "clip/model", "vae": "vae/model", "detector": "detector/model"},
+        min_length=1,
+        description="Kernel name -> model folder (relative to base_run, or absolute): a "
+        "CLIPModel, a diffusers AutoencoderKL or any Hugging Face image model.",
+    )
+    world: ShapesWorldConfig = Field(
+        default_factory=ShapesWorldConfig, description="The world the images come from."
+    )
+    shots: list[int] = Field([1, 2, 4, 8, 16], min_length=1, description="Shots per class.")
+    seeds: int = Field(5, ge=1, description="Independent draws of the shots per shot count.")
+    pool_size: int = Field(2000, ge=1, description="Training-split images the shots come from.")
+    test_size: int = Field(512, ge=1, description="Test-split images (each also shifted).")
+    shifted_palette: dict[str, tuple[int, int, int]] = Field(
+        SHIFTED_PALETTE, description="RGB per colour/background name for the shifted split."
+    )
+    gp_iterations: int = Field(100, ge=1, description="L-BFGS iterations of each GP fit.")
+    probe_models: list[str] | None = Field(
+        None,
+        description="Models whose features the linear probe and kNN read (default: all of "
+        "`models`, the GP ensemble's inputs).",
+    )
+
+    presets = {"tiny": {}}
+
+    @field_validator("shots")
+    @classmethod
+    def _positive(cls, shots: list[int]) -> list[int]:
+        if min(shots) < 1:
+            raise ValueError(f"expected positive shot counts, got {shots}")
+        return sorted(set(shots))
+
+    @model_validator(mode="after")
+    def _known_models(self) -> GPFewShotConfig:
+        if "clip" not in self.models:
+            raise ValueError("models: expected a 'clip' entry (Tip-Adapter caches its features)")
+        unknown = set(self.probe_models or []) - set(self.models)
+        if unknown or self.probe_models == []:
+            raise ValueError(
+                f"probe_models={self.probe_models}: expected names from {list(self.models)}"
+            )
+        return self
+
+
+def class_prompts() -> dict[str, list[str]]:
+    """Per shape: the captions of one object of that shape over every colour and background."""
+    prompts = {}
+    for shape in ATTRIBUTES[ATTRIBUTE]:
+        prompts[shape] = [
+            world_caption({"background": background, "shape": shape, "colour": colour,
+                           "count": "1", "container": "none", "container_colour": "none"})
+            for background in BACKGROUNDS for colour in COLOURS
+        ]  # fmt: skip
+    return prompts
+
+
+def model_folders(config: GPFewShotConfig, base_run: Path) -> tuple[Path, dict[str, Path]]:
+    folders = {name: base_run / path for name, path in config.models.items()}
+    clip = base_run / "clip" / "model"
+    for name, folder in [("base_run clip/model", clip), *folders.items()]:
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{name}: expected a saved model folder at {str(folder)!r}")
+    return clip, folders
+
+
+def world_splits(config: GPFewShotConfig) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
+    """pool / test / shifted: images uint8 [N, H, W, 3] and shape labels [N]."""
+    world = ShapesWorld(config.world)
+    shifted = ShapesWorld(config.world.model_copy(update={"palette": config.shifted_palette}))
+    pool = world.scenes("train", config.pool_size)
+    test = world.scenes("test", config.test_size)
+    values = ATTRIBUTES[ATTRIBUTE]
+
+    def labels(scenes) -> torch.Tensor:
+        return torch.tensor([values.index(s.attributes[ATTRIBUTE]) for s in scenes])
+
+    return {
+        "pool": (world.images(pool), labels(pool)),
+        "test": (world.images(test), labels(test)),
+        "shifted": (shifted.images(test), labels(test)),
+    }
+
+
+def draw_shots(labels: torch.Tensor, shots: list[int], seed: int) -> dict[int, torch.Tensor]:
+    """Nested few-shot index sets: the first k of each class's seeded permutation."""
+    generator = torch.Generator().manual_seed(seed)
+    per_class = []
+    for c in range(len(ATTRIBUTES[ATTRIBUTE])):
+        members = (labels == c).nonzero().flatten()
+        if len(members) < max(shots):
+            raise ConfigError(
+                f"pool_size={len(labels)}: only {len(members)} images of "
+                f"{ATTRIBUTES[ATTRIBUTE][c]!r}, fewer than shots={max(shots)}; raise pool_size"
+            )
+        per_class.append(members[torch.randperm(len(members), generator=generator)])
+    return {k: torch.cat([members[:k] for members in per_class]) for k in shots}
+
+
+def _subset(features: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+    return {name: features[name] for name in names}
+
+
+def evaluate_methods(
+    encoded: dict,
+    labels: torch.Tensor,
+    chosen: torch.Tensor,
+    shots: int,
+    config: GPFewShotConfig,
+    extractor: FeatureExtractor,
+) -> tuple[dict[str, dict[str, torch.Tensor]], GPEnsemble]:
+    """Every method fitted on the `chosen` pool images: probabilities per method and split."""
+    classes = extractor.class_names
+    pool_features, pool_scores = encoded["pool"]
+    train = {name: block[chosen] for name, block in pool_features.items()}
+    train_scores, train_labels = pool_scores[chosen], labels[chosen]
+    gps = {"gp_ensemble": (list(train), False), "gp_zero_mean": (list(train), True)}
+    gps |= {f"gp_only_{name}": ([name], False) for name in train}
+    fitted = {
+        method: fit_gp(_subset(train, names), train_scores, train_labels, classes, zero_mean,
+                       config.gp_iterations)
+        for method, (names, zero_mean) in gps.items()
+    }  # fmt: skip
+    probed = config.probe_models or list(train)
+    train_flat = bl.concatenated(_subset(train, probed))
+    results = {}
+    for split in ("test", "shifted"):
+        features, scores = encoded[split]
+        flat = bl.concatenated(_subset(features, probed))
+        results[split] = {
+            "zero_shot": bl.zero_shot(scores, extractor.logit_scale),
+            "linear_probe": bl.linear_probe(train_flat, train_labels, flat, len(classes)),
+            "tip_adapter": bl.tip_adapter(
+                train["clip"], train_labels, features["clip"], scores, extractor.logit_scale
+            ),
+            "knn": bl.knn(train_flat, train_labels, flat, len(classes), k=shots),
+        }
+        for method, (names, _) in gps.items():
+            prediction = fitted[method].predict(_subset(features, names), scores)
+            results[split][method] = prediction.probabilities
+    return results, fitted["gp_ensemble"]
+
+
+def plot_accuracy(rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    for ax, split in zip(axes, ("test", "shifted")):
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method and r["split"] == split]
+            ax.plot([r["shots"] for r in mine], [r["accuracy"] for r in mine], marker="o",
+                    label=method, linewidth=2.5 if method == "gp_ensemble" else 1.2)  # fmt: skip
+        ax.set(xscale="log", xlabel="shots per class", title=f"{split} split")
+        shots = sorted({r["shots"] for r in rows})
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (mean over seeds)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reliability(pooled: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+    fig, axes = plt.subplots(2, (len(pooled) + 1) // 2, figsize=(16, 7), sharex=True, sharey=True)
+    centres = (np.arange(bl.ECE_BINS) + 0.5) / bl.ECE_BINS
+    for ax, (method, (probabilities, labels)) in zip(axes.flat, pooled.items()):
+        bins = bl.calibration_bins(probabilities, labels)
+        ece = bl.scores(probabilities, labels)["ece"]
+        ax.bar(centres, np.nan_to_num(bins["accuracy"]), width=1 / bl.ECE_BINS, alpha=0.7,
+               edgecolor="k", label="accuracy")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+        ax.set_title(f"{method}  ECE {ece:.3f}", fontsize=9)
+    for ax in axes.flat[len(pooled) :]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=7)
+    fig.supxlabel("confidence (top class)")
+    fig.supylabel("accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], spread: dict, path: Path) -> None:
+    shots = sorted({r["shots"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    table = {(r["method"], r["shots"], r["split"]): r for r in rows}
+    lines = ["# Low-shot shape classification (mean over seeds)", ""]
+    for split in ("test", "shifted"):
+        for metric in ("accuracy", "ece", "nll"):
+            lines += [f"## {metric}, {split} split", ""]
+            lines += ["| method | " + " | ".join(f"{k} shots" for k in shots) + " |"]
+            lines += ["| --- |" + " --- |" * len(shots)]
+            for m in methods:
+                cells = []
+                for k in shots:
+                    cell = f"{table[m, k, split][metric]:.3f}"
+                    if metric == "accuracy":
+                        cell += f" ± {spread[m, k, split]:.3f}"
+                    cells.append(cell)
+                lines += [f"| {m} | " + " | ".join(cells) + " |"]
+            lines += [""]
+    lines += ["## accuracy drop, test -> shifted", ""]
+    lines += ["| method | " + " | ".join(f"{k} shots" for k in shots) + " | mean |"]
+    lines += ["| --- |" + " --- |" * (len(shots) + 1)]
+    for m in methods:
+        drops = [
+            table[m, k, "test"]["accuracy"] - table[m, k, "shifted"]["accuracy"] for k in shots
+        ]
+        lines += [
+            f"| {m} | " + " | ".join(f"{d:.3f}" for d in drops) + f" | {np.mean(drops):.3f} |"
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def train(config: GPFewShotConfig, run_dir: str | Path) -> dict:
+    started = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_config(config, run_dir)
+    if config.base_run is None:
+        from jobs.pretrain_diffusion import pretrained_diffusion
+
+        base_run = pretrained_diffusion("tiny")
+    else:
+        base_run = config.base_run
+    clip_dir, model_dirs = model_folders(config, base_run)
+    extractor = FeatureExtractor(clip_dir, model_dirs, class_prompts())
+    data = world_splits(config)
+    encoded = {split: extractor(images) for split, (images, _) in data.items()}
+    pool_labels = data["pool"][1]
+    per_seed = defaultdict(list)  # (method, shots, split) -> one score dict per seed
+    pooled = defaultdict(list)  # method -> test-split (probabilities, labels) over all runs
+    weights = defaultdict(list)  # shots -> GP ensemble kernel weights per seed
+    progress = tqdm(total=config.seeds * len(config.shots), desc="seeds x shots", unit="fit")
+    for seed in range(config.seeds):
+        for shots, chosen in draw_shots(pool_labels, config.shots, seed).items():
+            results, ensemble = evaluate_methods(
+                encoded, pool_labels, chosen, shots, config, extractor
+            )
+            weights[shots].append(ensemble.kernel_weights)
+            for split, by_method in results.items():
+                for method, probabilities in by_method.items():
+                    labels = data[split][1]
+                    per_seed[method, shots, split].append(bl.scores(probabilities, labels))
+                    if split == "test":
+                        pooled[method].append((probabilities, labels))
+            if seed == 0 and shots == max(config.shots):
+                FewShotClassifier(extractor, ensemble).save(run_dir / "classifier")
+            progress.update()
+    progress.close()
+    rows, spread = [], {}
+    for (method, shots, split), runs in per_seed.items():
+        mean = {m: float(np.mean([r[m] for r in runs])) for m in ("accuracy", "ece", "nll")}
+        rows.append({"method": method, "shots": shots, "split": split, **mean})
+        spread[method, shots, split] = float(np.std([r["accuracy"] for r in runs]))
+    rows.sort(key=lambda r: (r["split"], r["method"], r["shots"]))
+    write_results(rows, spread, run_dir / "results.md")
+    plot_accuracy(rows, run_dir / "accuracy_vs_shots.png")
+    plot_reliability(
+        {m: (torch.cat([p for p, _ in runs]), torch.cat([y for _, y in runs]))
+         for m, runs in pooled.items()},
+        run_dir / "reliability.png",
+    )  # fmt: skip
+    summary = {
+        "rows": rows,
+        "classes": extractor.class_names,
+        "kernel_weights": {
+            k: {name: float(np.mean([w[name] for w in ws])) for name in ws[0]}
+            for k, ws in weights.items()
+        },
+        "base_run": str(base_run),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[gp_fewshot] wrote {run_dir / 'results.md'}", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # matrices of at most ~100 x 100: extra threads only contend
+    cli("gp_fewshot", GPFewShotConfig, train)

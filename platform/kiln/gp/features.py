@@ -1,0 +1,133 @@
+"""Frozen pre-trained models as feature extractors, CLIP zero-shot scores, and the image-level
+classifier that saves and reloads (what a server hosts).
+
+A model is any folder on disk, recognised by its config:
+- a `CLIPModel` folder: the projected image embedding (`get_image_features`);
+- a diffusers `AutoencoderKL` folder: the encoder's posterior mean, flattened (diffusers is
+  imported only when such a folder is used);
+- any other Hugging Face image model `AutoModel` loads (ResNet, ViT, DINO, ...; a
+  `...ForImageClassification` folder gives its trunk): its pooled output, flattened.
+Every model receives the same pixels, [N, 3, H, W] in [-1, 1] at the world's resolution (the
+convention of `kiln.diffusion.base.to_pixels`, which is not imported because that module pulls
+in diffusers), which is what kiln's models were trained on; a model trained with another
+preprocessing (e.g. ImageNet statistics) would need its own image processor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, CLIPModel, CLIPTokenizer
+
+from kiln.gp.ensemble import GPEnsemble, Prediction, fit_gp
+
+BATCH = 256
+
+
+def load_feature_model(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pixels [N, 3, H, W] -> features [N, D] for the model saved in `path`."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"model {str(path)!r}: expected a saved model folder with config.json")
+    config = json.loads(config_file.read_text())
+    if config.get("_class_name") == "AutoencoderKL":
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(path).eval()
+        return lambda pixels: vae.encode(pixels).latent_dist.mean.flatten(1)
+    if config.get("model_type") == "clip":
+        clip = CLIPModel.from_pretrained(path).eval()
+        return lambda pixels: clip.get_image_features(pixel_values=pixels).pooler_output
+    model = AutoModel.from_pretrained(path).eval()
+    return lambda pixels: model(pixel_values=pixels).pooler_output.flatten(1)
+
+
+class FeatureExtractor:
+    """Images -> (features of every model, CLIP zero-shot cosine scores of every class).
+
+    `class_prompts` maps each class name to the captions whose text embeddings, normalised and
+    averaged, represent it (CLIP's prompt ensembling, arXiv 2103.00020).
+    """
+
+    def __init__(
+        self, clip_dir: Path, models: dict[str, Path], class_prompts: dict[str, list[str]]
+    ):
+        self.clip_dir, self.model_dirs = Path(clip_dir), {k: Path(v) for k, v in models.items()}
+        self.class_prompts = class_prompts
+        self.clip = CLIPModel.from_pretrained(clip_dir).eval()
+        self.image_size = self.clip.config.vision_config.image_size
+        self.logit_scale = self.clip.logit_scale.exp().item()
+        self.models = {name: load_feature_model(path) for name, path in self.model_dirs.items()}
+        tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+        with torch.no_grad():
+            heads = []
+            for name, prompts in class_prompts.items():
+                if not prompts:
+                    raise ValueError(f"class_prompts[{name!r}]: expected at least one prompt")
+                tokens = tokenizer(
+                    prompts, padding="max_length", truncation=True, return_tensors="pt"
+                )
+                text = self.clip.get_text_features(**tokens).pooler_output
+                heads.append(torch.nn.functional.normalize(text, dim=-1).mean(0))
+            self.class_embeddings = torch.nn.functional.normalize(torch.stack(heads), dim=-1)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.class_prompts)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        size = self.image_size
+        if np.shape(images)[1:] != (size, size, 3) or np.asarray(images).dtype != np.uint8:
+            raise ValueError(
+                f"images: expected uint8 [N, {size}, {size}, 3] (the CLIP's image_size), got "
+                f"{tuple(np.shape(images))} {np.asarray(images).dtype}"
+            )
+        pixels = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        chunks = pixels.split(BATCH)
+        features = {name: torch.cat([f(x) for x in chunks]) for name, f in self.models.items()}
+        embeddings = torch.cat(
+            [self.clip.get_image_features(pixel_values=chunk).pooler_output for chunk in chunks]
+        )
+        zero_shot = torch.nn.functional.normalize(embeddings, dim=-1) @ self.class_embeddings.T
+        return features, zero_shot
+
+
+class FewShotClassifier:
+    """A fitted GP ensemble plus the models it reads: images in, `Prediction` out."""
+
+    def __init__(self, extractor: FeatureExtractor, gp: GPEnsemble):
+        self.extractor, self.gp = extractor, gp.eval()
+
+    @classmethod
+    def fit(
+        cls, extractor: FeatureExtractor, images: np.ndarray, labels: torch.Tensor, **fit_options
+    ) -> FewShotClassifier:
+        """labels: class indices into `extractor.class_names`, at least one image per class."""
+        features, zero_shot = extractor(images)
+        gp = fit_gp(features, zero_shot, labels, extractor.class_names, **fit_options)
+        return cls(extractor, gp)
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        features, zero_shot = self.extractor(images)
+        return self.gp.predict(features, zero_shot)
+
+    def save(self, folder: Path) -> None:
+        """The GP (`gp.safetensors`, `gp.json`) and `classifier.json` (models, class prompts)."""
+        self.gp.save(folder)
+        meta = {
+            "clip": str(self.extractor.clip_dir.resolve()),
+            "models": {k: str(v.resolve()) for k, v in self.extractor.model_dirs.items()},
+            "class_prompts": self.extractor.class_prompts,
+        }
+        (folder / "classifier.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> FewShotClassifier:
+        meta = json.loads((Path(folder) / "classifier.json").read_text())
+        extractor = FeatureExtractor(meta["clip"], meta["models"], meta["class_prompts"])
+        return cls(extractor, GPEnsemble.load(Path(folder)))

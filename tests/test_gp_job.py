@@ -1,0 +1,105 @@
+"""jobs.gp_fewshot end to end on tiny untrained models, and the image-level classifier."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.gp_fewshot import GPFewShotConfig, class_prompts, train
+from jobs.runner import cli
+from kiln.diffusion.base import (
+    ClipArch,
+    DetectorArch,
+    VaeArch,
+    build_clip,
+    build_detector,
+    build_tokenizer,
+    build_vae,
+)
+from kiln.gp import FeatureExtractor, FewShotClassifier
+from kiln.worlds.shapes import ShapesWorld
+
+METHODS = {"zero_shot", "linear_probe", "tip_adapter", "knn", "gp_zero_mean", "gp_ensemble"}
+METHODS |= {"gp_only_clip", "gp_only_vae", "gp_only_detector"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Matrices of at most 24 x 24: threads only contend on a busy 2-core host."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A pretrain_diffusion-shaped run directory of tiny untrained models."""
+    root = tmp_path_factory.mktemp("gp_base")
+    torch.manual_seed(0)
+    captions = [p for prompts in class_prompts().values() for p in prompts]
+    tokenizer = build_tokenizer(captions, 16)
+    arch = ClipArch(hidden_size=16, num_layers=1, num_heads=2, projection_dim=16)
+    build_clip(arch, tokenizer, 32).save_pretrained(root / "clip" / "model")
+    tokenizer.save_pretrained(root / "clip" / "model")
+    build_vae(VaeArch(channels=[8, 8]), 32).save_pretrained(root / "vae" / "model")
+    build_detector(DetectorArch(channels=[8])).save_pretrained(root / "detector" / "model")
+    return root
+
+
+OVERRIDES = ["shots=[1,2]", "seeds=1", "pool_size=90", "test_size=12", "gp_iterations=5"]
+
+
+def test_job_writes_the_table_plots_and_a_classifier_that_reloads(base_run, tmp_path):
+    argv = ["--preset", "tiny", "--output", str(tmp_path), f"--set=base_run={base_run}"]
+    summary, _ = cli("gp_fewshot", GPFewShotConfig, train, argv + [f"--set={o}" for o in OVERRIDES])
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert rows == summary["rows"]
+    keys = {(r["method"], r["shots"], r["split"]) for r in rows}
+    assert keys == {(m, k, s) for m in METHODS for k in (1, 2) for s in ("test", "shifted")}
+    for row in rows:
+        assert set(row) == {"method", "shots", "split", "accuracy", "ece", "nll"}
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1 and row["nll"] > 0
+    for name in ("results.md", "accuracy_vs_shots.png", "reliability.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| gp_ensemble |" in (tmp_path / "results.md").read_text()
+    classifier = FewShotClassifier.load(tmp_path / "classifier")  # fitted at 2 shots, seed 0
+    assert classifier.extractor.class_names == summary["classes"]
+    assert len(classifier.gp.train_targets[0]) == 2 * len(summary["classes"])
+
+
+def test_classifier_save_load_round_trip_and_bad_images(base_run, tmp_path):
+    world = ShapesWorld()
+    scenes = world.scenes("validation", 30)
+    names = list(class_prompts())
+    labels = torch.tensor([names.index(s.attributes["shape"]) for s in scenes])
+    images = world.images(scenes)
+    models = {name: base_run / name / "model" for name in ("clip", "vae", "detector")}
+    extractor = FeatureExtractor(base_run / "clip" / "model", models, class_prompts())
+    missing = labels != names.index("face")
+    with pytest.raises(ValueError, match=r"classes \['face'\] have zero shots"):
+        FewShotClassifier.fit(extractor, images[missing.numpy()], labels[missing], iterations=2)
+    fitted = FewShotClassifier.fit(extractor, images, labels, iterations=2)
+    fitted.save(tmp_path)
+    before, after = fitted.predict(images), FewShotClassifier.load(tmp_path).predict(images)
+    assert torch.equal(before.probabilities, after.probabilities)
+    assert torch.equal(before.variance, after.variance)
+    small = np.zeros((2, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"images: expected uint8 \[N, 32, 32, 3\]"):
+        fitted.predict(small)
+    with pytest.raises(ValueError, match=r"images: expected uint8 \[N, 32, 32, 3\]"):
+        fitted.predict(images.astype(np.float32))
+
+
+def test_bad_config_is_refused_before_any_work(base_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli("gp_fewshot", GPFewShotConfig, train, ["--set=shots=[0,4]", "--output", str(tmp_path)])
+    assert "expected positive shot counts" in capsys.readouterr().err
+    missing = ["--set=models={clip: clip/model, dino: dino/model}", f"--set=base_run={base_run}"]
+    with pytest.raises(SystemExit):
+        cli("gp_fewshot", GPFewShotConfig, train, [*missing, "--output", str(tmp_path / "m")])
+    assert "dino: expected a saved model folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli("gp_fewshot", GPFewShotConfig, train, ["--set=probe_models=[dino]"])
+    assert "probe_models=['dino']: expected names from" in capsys.readouterr().err
