@@ -8,6 +8,12 @@ RAY_DASHBOARD ?= 127.0.0.1:8265
 # machines); a GPU node passes the CUDA wheel index of the same torch version.
 TORCH_INDEX ?=
 DEMO_RUN := $(CURDIR)/runs/demo/pretrain_lm
+DEMO_SNN := $(CURDIR)/runs/demo/spikezip
+SERVE_URL := http://127.0.0.1:8000
+CURL_JSON = -H 'Content-Type: application/json' -H "Authorization: Bearer $$KILN_API_KEY"
+# An 8x8 "1" (intensities in [0, 1]), the kind of image the digits SNN was trained on.
+DEMO_DIGIT := [[0,0,0,1,1,0,0,0],[0,0,1,1,1,0,0,0],[0,0,0,1,1,0,0,0],[0,0,0,1,1,0,0,0],\
+	[0,0,0,1,1,0,0,0],[0,0,0,1,1,0,0,0],[0,0,0,1,1,0,0,0],[0,0,1,1,1,1,0,0]]
 
 .PHONY: install demo test test-gpu lint format clean
 
@@ -39,9 +45,11 @@ test-gpu: $(INSTALLED)
 	$(BIN)/python -m pytest -m gpu
 
 # Starts a local Ray head (dashboard at http://$(RAY_DASHBOARD)) unless one is running,
-# submits the embedded-default training job to it, and prints where the artifacts are.
+# submits the embedded-default training jobs to it (the tiny LM, the SpikeZIP-TF SNN), deploys
+# serve/config.yaml on them and asks each app a question with curl.
 # The head gets .venv/bin first on PATH so the `python` of submitted jobs is this venv's.
 # Token authentication is on: the token lives in ~/.ray/auth_token (made on first use).
+# An API key for the apps: export KILN_API_KEY before the head starts (never in a file).
 demo: $(INSTALLED)
 	$(BIN)/ray get-auth-token --generate >/dev/null
 	RAY_AUTH_MODE=token $(BIN)/ray status >/dev/null 2>&1 || RAY_AUTH_MODE=token \
@@ -49,12 +57,25 @@ demo: $(INSTALLED)
 		$(BIN)/ray start --head --dashboard-host 127.0.0.1 --disable-usage-stats
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
 		--working-dir . -- python -m jobs.pretrain_lm --preset tiny --output $(DEMO_RUN)
+	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
+		--working-dir . -- python -m jobs.spikezip --preset tiny --output $(DEMO_SNN)
+	RAY_AUTH_MODE=token $(BIN)/serve deploy serve/config.yaml --address http://$(RAY_DASHBOARD)
+	@for i in $$(seq 120); do \
+		curl -sf $(SERVE_URL)/ready >/dev/null && curl -sf $(SERVE_URL)/v1/classify/ready \
+			>/dev/null && break; sleep 2; done
 	@echo
-	@echo "Dashboard (jobs, Train runs, Tune sweeps): http://$(RAY_DASHBOARD)"
+	curl -sSf $(SERVE_URL)/v1/completions $(CURL_JSON) \
+		-d '{"model": "kiln-tiny", "prompt": "12+7=", "max_tokens": 12, "temperature": 0}'
+	@echo
+	curl -sSf $(SERVE_URL)/v1/classify/snn $(CURL_JSON) -d '{"images": [$(DEMO_DIGIT)]}'
+	@echo
+	@echo
+	@echo "Dashboard (jobs, Train runs, Tune sweeps, Serve): http://$(RAY_DASHBOARD)"
 	@echo "Model:        $(DEMO_RUN)/model"
 	@echo "Checkpoints:  $(DEMO_RUN)/checkpoints"
 	@echo "Metrics:      $(DEMO_RUN)/metrics.jsonl  $(DEMO_RUN)/summary.json"
 	@echo "TensorBoard:  $(BIN)/tensorboard --logdir $(DEMO_RUN)/tensorboard"
+	@echo "Serving:      $(SERVE_URL)/v1 (OpenAI API), $(SERVE_URL)/v1/classify/snn"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

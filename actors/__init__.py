@@ -1,5 +1,5 @@
 """Ray actors that wrap kiln core objects (engines, scorers, generators) for jobs and serve.
 
-Dependency direction: `serve`, `jobs` -> `actors` -> `kiln`. The serving engine, SNN and GP
-classifier actors land here with their issues.
+Dependency direction: `serve`, `jobs` -> `actors` -> `kiln`. `llm.py`: the serving engine
+stepping for every caller; `classifier.py`: the SNN and GP classifiers behind one protocol.
 """

@@ -1,2 +1,3 @@
-"""Ray Serve deployments and the serve config (the OpenAI-compatible LLM app and the classifier
-apps land here with their issues)."""
+"""Ray Serve apps and `serve/config.yaml`: the OpenAI-compatible LLM app (`llm.py`) and the
+image classifier app (`classify.py`), sharing the API key, body limit and errors of
+`common.py`."""

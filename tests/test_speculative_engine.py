@@ -79,3 +79,19 @@ def test_negative_control_accepting_every_draft_breaks_equality(
     tokens, proposed, accepted = _generate(models, prompts, proposer="draft", speculation=3)
     assert accepted == proposed > 0
     assert tokens != reference
+
+
+def test_per_request_speculation_in_one_batch(models, prompts, reference):
+    """Off, fixed k=2 and SmartSpec side by side on one SmartSpec engine: each request keeps
+    its own setting (off proposes nothing, k=2 never more than 2 per step), all lossless."""
+    engine = LLMEngine(models[0], block_size=4, max_num_seqs=8, proposer="ngram")
+    settings = [0, 2, "smartspec", None]
+    params = [SamplingParams(max_tokens=MAX_NEW, temperature=0, speculation=s) for s in settings]
+    outputs = engine.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == reference
+    off, fixed = outputs[0].spec_stats, outputs[1].spec_stats
+    assert off["proposed"] == 0
+    assert 0 < fixed["proposed"] <= 2 * fixed["steps"]
+    plain = LLMEngine(models[0], block_size=4, proposer="none")
+    [refused] = plain.generate([prompts[0]], SamplingParams(max_tokens=4, speculation=2))
+    assert refused.finish_reason == "error" and "proposer" in refused.error

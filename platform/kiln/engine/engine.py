@@ -183,6 +183,10 @@ class LLMEngine:
         if len(token_ids) + 1 > capacity:
             raise ValueError(f"the prompt needs more than the whole KV cache ({capacity} tokens)")
         params.validate_for_model(self.vocab_size)
+        if params.speculation not in (None, 0) and self.speculator is None:
+            raise ValueError(f"speculation={params.speculation!r} needs an engine with a proposer")
+        if params.speculation == "smartspec" and self.speculator.fixed_k is not None:
+            raise ValueError("speculation='smartspec' needs an engine built with SmartSpec")
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks; its final output comes from the next step."""

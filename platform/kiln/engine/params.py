@@ -26,6 +26,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | list[int] | None = None  # kept in token_ids, like EOS
     seed: int | None = None  # reproducible sampling for this request alone
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    # Speculation for this request alone: None = the engine's setting, 0 = off, k = at most k
+    # drafts per step, "smartspec" = the goodput controller (needs an engine built with it).
+    speculation: int | Literal["smartspec"] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -36,6 +39,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.speculation not in (None, "smartspec") and (
+            not isinstance(self.speculation, int) or self.speculation < 0
+        ):
+            raise ValueError(
+                f"speculation must be 'smartspec' or an integer k >= 0 (0 = off), "
+                f"got {self.speculation!r}"
+            )
         if isinstance(self.stop, str):
             raise ValueError(f"stop must be a list of strings, got the string {self.stop!r}")
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):

@@ -312,20 +312,31 @@ class Speculator:
         )
 
     def choose_k(self, requests: list[SpecRequestState]) -> dict[str, int]:
+        """A request's own `params.speculation` (0 = off, k = fixed) overrides the engine's
+        setting; SmartSpec then chooses for the remaining requests, counting the fixed ones'
+        tokens as the rest of the batch."""
         caps = {r.request_id: max(0, min(self.max_k, r.max_new_proposals)) for r in requests}
+        for r in requests:
+            if isinstance(r.params.speculation, int):
+                caps[r.request_id] = min(caps[r.request_id], r.params.speculation)
         if self.proposes_first:
             self._proposed = self.proposer.propose(requests, caps)
             caps = {rid: len(p.token_ids) for rid, p in self._proposed.items()}
-        if self.fixed_k is not None:
-            return caps
+        adaptive = [r for r in requests if self._adaptive(r)]
+        fixed = {r.request_id: caps.get(r.request_id, 0) for r in requests if not self._adaptive(r)}
+        if not adaptive:
+            return fixed
         if self.controller is None:
             raise RuntimeError("SmartSpec needs Speculator.calibrate(runner, ...) at start-up")
         candidates = [
             SpecCandidate(r.request_id, len(r.token_ids) - 1, caps.get(r.request_id, 0))
-            for r in requests
+            for r in adaptive
         ]
-        chosen = self.controller.choose(candidates)
-        return {c.request_id: k for c, k in zip(candidates, chosen)}
+        chosen = self.controller.choose(candidates, other_tokens=sum(fixed.values()) + len(fixed))
+        return fixed | {c.request_id: k for c, k in zip(candidates, chosen)}
+
+    def _adaptive(self, request: SpecRequestState) -> bool:
+        return not isinstance(request.params.speculation, int) and self.fixed_k is None
 
     def propose(self, requests: list[SpecRequestState], k: dict[str, int]) -> dict[str, Proposal]:
         if not self.proposes_first:
