@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs import pretrain_lm
-from jobs.runner import Job, SweepSpec, assets_dir, main
+from jobs.runner import Job, SweepSpec, TensorDataset, assets_dir, main
 from kiln import lm
 from kiln.adamoe import convert
 from kiln.adamoe.analytics import (
@@ -46,7 +46,6 @@ from kiln.config import ConfigError, JobConfig
 from kiln.tracking import read_metrics
 from kiln.worlds.text import Example, TextWorld, TextWorldConfig
 
-PRETRAIN_PREFIX = "pretrain_lm:"
 IGNORE = -100  # label of tokens the LM loss skips (prompt, padding)
 
 
@@ -129,18 +128,6 @@ def _info(run_dir: Path) -> dict:
     return json.loads((assets_dir(run_dir) / "data.json").read_text())
 
 
-def _resolve_base(base_model: str) -> Path:
-    if base_model.startswith(PRETRAIN_PREFIX):
-        return pretrain_lm.pretrained_model(base_model.removeprefix(PRETRAIN_PREFIX))
-    path = Path(base_model).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"base_model={base_model!r}: expected a save_pretrained folder (with config.json) "
-            f"or '{PRETRAIN_PREFIX}<preset>'"
-        )
-    return path
-
-
 def _encode(examples: list[Example], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask, LM labels (completion + </s>) and token types."""
     rows = []
@@ -175,7 +162,7 @@ def prepare(config: AdaMoEJobConfig, run_dir: Path) -> None:
     if (assets / "data.json").is_file():
         return
     assets.mkdir(parents=True, exist_ok=True)
-    base = _resolve_base(config.base_model)
+    base = pretrain_lm.resolve_base_model(config.base_model)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)
     try:
@@ -216,19 +203,8 @@ def build_model(config: AdaMoEJobConfig, run_dir: Path) -> torch.nn.Module:
     return model
 
 
-class Tensors(torch.utils.data.Dataset):
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors["input_ids"])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.tensors.items()}
-
-
-def build_dataset(config: AdaMoEJobConfig, run_dir: Path) -> Tensors:
-    return Tensors(torch.load(assets_dir(run_dir) / "train.pt"))
+def build_dataset(config: AdaMoEJobConfig, run_dir: Path) -> TensorDataset:
+    return TensorDataset(torch.load(assets_dir(run_dir) / "train.pt"))
 
 
 def balance_weight(step: int, config: AdaMoEJobConfig) -> float:

@@ -31,13 +31,12 @@ from pydantic import Field, create_model, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs import pretrain_lm
-from jobs.runner import Job, SweepSpec, assets_dir, main
+from jobs.runner import Job, SweepSpec, TensorDataset, assets_dir, main
 from kiln import attngate, lm
 from kiln.attngate.evaluation import accuracy_under_eviction, make_cache
 from kiln.config import ConfigError, JobConfig, Section
 from kiln.worlds.text import TextWorld, TextWorldConfig
 
-PRETRAIN_PREFIX = "pretrain_lm:"
 METHODS = ("full", "gate", "streaming", "h2o")
 SUMMARY_PLOT = "accuracy_vs_eviction.png"
 
@@ -113,18 +112,6 @@ class AttnGateConfig(JobConfig):
     }
 
 
-def _resolve_base(base_model: str) -> Path:
-    if base_model.startswith(PRETRAIN_PREFIX):
-        return pretrain_lm.pretrained_model(base_model.removeprefix(PRETRAIN_PREFIX))
-    path = Path(base_model).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"base_model={base_model!r}: expected a save_pretrained folder (with config.json) "
-            f"or '{PRETRAIN_PREFIX}<preset>'"
-        )
-    return path
-
-
 def _base_path(run_dir: Path) -> Path:
     return Path(json.loads((assets_dir(run_dir) / "data.json").read_text())["base_model"])
 
@@ -160,7 +147,7 @@ def prepare(config: AttnGateConfig, run_dir: Path) -> None:
     if (assets / "data.json").is_file():
         return
     assets.mkdir(parents=True, exist_ok=True)
-    base = _resolve_base(config.base_model)
+    base = pretrain_lm.resolve_base_model(config.base_model)
     model = AutoModelForCausalLM.from_pretrained(base)
     attngate.attach(model, gate_config(config))  # unsupported architectures fail here, before Ray
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -198,19 +185,8 @@ def build_model(config: AttnGateConfig, run_dir: Path) -> torch.nn.Module:
     return model
 
 
-class Tensors(torch.utils.data.Dataset):
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors["input_ids"])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.tensors.items()}
-
-
-def build_dataset(config: AttnGateConfig, run_dir: Path) -> Tensors:
-    return Tensors(torch.load(assets_dir(run_dir) / "train.pt"))
+def build_dataset(config: AttnGateConfig, run_dir: Path) -> TensorDataset:
+    return TensorDataset(torch.load(assets_dir(run_dir) / "train.pt"))
 
 
 def step(model, batch: dict[str, torch.Tensor], config: AttnGateConfig):

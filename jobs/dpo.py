@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs import pretrain_lm
-from jobs.runner import Job, SweepSpec, assets_dir, main
+from jobs.runner import Job, SweepSpec, TensorDataset, assets_dir, main
 from kiln import lm
 from kiln.config import ConfigError, JobConfig
 from kiln.dpo import dpo_loss, ipo_loss, nll_regularised_dpo_loss, pair_logps
@@ -43,8 +43,6 @@ from kiln.dpo.data import (
 from kiln.dpo.plots import plot_3d_properties
 from kiln.tracking import read_metrics
 from kiln.worlds.text import Example, TextWorld, TextWorldConfig
-
-PRETRAIN_PREFIX = "pretrain_lm:"
 
 
 class DPOConfig(JobConfig):
@@ -114,18 +112,6 @@ def _data_info(run_dir: Path) -> dict:
     return json.loads((assets_dir(run_dir) / "data.json").read_text())
 
 
-def _resolve_base(base_model: str) -> Path:
-    if base_model.startswith(PRETRAIN_PREFIX):
-        return pretrain_lm.pretrained_model(base_model.removeprefix(PRETRAIN_PREFIX))
-    path = Path(base_model).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"base_model={base_model!r}: expected a save_pretrained folder (with config.json) "
-            f"or '{PRETRAIN_PREFIX}<preset>'"
-        )
-    return path
-
-
 def _load(path: Path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -191,7 +177,7 @@ def prepare(config: DPOConfig, run_dir: Path) -> None:
     if (assets / "data.json").is_file():
         return
     assets.mkdir(parents=True, exist_ok=True)
-    base = _resolve_base(config.base_model)
+    base = pretrain_lm.resolve_base_model(config.base_model)
     model, tokenizer = _load(base)
     context = model.config.max_position_embeddings
     max_length = config.max_length or context
@@ -243,19 +229,8 @@ def build_model(config: DPOConfig, run_dir: Path) -> torch.nn.Module:
     return _load(Path(_data_info(run_dir)["base_model"]))[0]
 
 
-class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors["chosen_ids"])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {key: value[index] for key, value in self.tensors.items()}
-
-
-def build_dataset(config: DPOConfig, run_dir: Path) -> PairDataset:
-    return PairDataset(torch.load(assets_dir(run_dir) / "pairs.pt"))
+def build_dataset(config: DPOConfig, run_dir: Path) -> TensorDataset:
+    return TensorDataset(torch.load(assets_dir(run_dir) / "pairs.pt"))
 
 
 def step(model, batch: dict[str, torch.Tensor], config: DPOConfig):

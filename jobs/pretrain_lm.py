@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs.runner import Job, assets_dir, cached_run, main
 from kiln import lm
-from kiln.config import JobConfig, load_config
+from kiln.config import ConfigError, JobConfig, load_config
 from kiln.worlds.text import TextWorld, TextWorldConfig
 from kiln.worlds.tokenizer import train_tokenizer
 
@@ -178,6 +178,22 @@ JOB = Job(
     export=export,
     evaluate=evaluate,
 )
+
+
+BASE_PREFIX = "pretrain_lm:"
+
+
+def resolve_base_model(base_model: str) -> Path:
+    """`pretrain_lm:<preset>` (trained the first time, then cached) or a save_pretrained folder."""
+    if base_model.startswith(BASE_PREFIX):
+        return pretrained_model(base_model.removeprefix(BASE_PREFIX))
+    path = Path(base_model).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"base_model={base_model!r}: expected a save_pretrained folder (with config.json) "
+            f"or '{BASE_PREFIX}<preset>'"
+        )
+    return path
 
 
 def pretrained_model(preset: str) -> Path:

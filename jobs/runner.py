@@ -159,6 +159,19 @@ class DataOrder:
         ]
 
 
+class TensorDataset(torch.utils.data.Dataset):
+    """Equal-length tensors by name; item i is {name: tensor[i]} (what `collate` stacks)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}
+
+
 def collate(dataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
     items = [dataset[i] for i in indices]
     return {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
