@@ -324,6 +324,8 @@ class Speculator:
             caps = {rid: len(p.token_ids) for rid, p in self._proposed.items()}
         adaptive = [r for r in requests if self._adaptive(r)]
         fixed = {r.request_id: caps.get(r.request_id, 0) for r in requests if not self._adaptive(r)}
+        other_tokens = sum(fixed.values()) + len(fixed)  # each decodes 1 + k tokens this step
+        fixed = {rid: k for rid, k in fixed.items() if k}  # k = 0 is plain decoding: no entry
         if not adaptive:
             return fixed
         if self.controller is None:
@@ -332,7 +334,7 @@ class Speculator:
             SpecCandidate(r.request_id, len(r.token_ids) - 1, caps.get(r.request_id, 0))
             for r in adaptive
         ]
-        chosen = self.controller.choose(candidates, other_tokens=sum(fixed.values()) + len(fixed))
+        chosen = self.controller.choose(candidates, other_tokens=other_tokens)
         return fixed | {c.request_id: k for c, k in zip(candidates, chosen)}
 
     def _adaptive(self, request: SpecRequestState) -> bool:
