@@ -52,7 +52,7 @@ class ClassifyRequest(BaseModel):
 
 
 class BadImage(Exception):
-    pass
+    """An image that cannot be decoded or has the wrong shape (answered with a 4xx)."""
 
 
 def _to_tensor(image: ImageInput, shape: tuple[int, int, int], index: int) -> torch.Tensor:
