@@ -456,9 +456,9 @@ def evaluate_base(config: PretrainDiffusionConfig, run_dir: Path) -> dict:
             save_grid(np.stack(grid), ev.images_per_prompt, run_dir / "samples.png")
             (run_dir / "samples.txt").write_text("\n".join(prompts[r] for r in rows) + "\n")
     real = world.scenes("validation")
-    captions = [scene.caption for scene in real]
-    results["real_images"] = instrument.score(world.images(real), captions)
-    results["chance"] = instrument.concept_accuracy(world.images(real), captions[1:] + captions[:1])
+    real_images, captions = world.images(real), [scene.caption for scene in real]
+    results["real_images"] = instrument.score(real_images, captions)
+    results["chance"] = instrument.concept_accuracy(real_images, captions[1:] + captions[:1])
     return results
 
 
