@@ -9,11 +9,19 @@ RAY_DASHBOARD ?= 127.0.0.1:8265
 TORCH_INDEX ?=
 DEMO_RUN := $(CURDIR)/runs/demo/pretrain_lm
 DEMO_SNN := $(CURDIR)/runs/demo/spikezip
+DEMO_DIFFUSION := $(CURDIR)/runs/demo/diffusion
+DEMO_GP := $(CURDIR)/runs/demo/gp_fewshot
 SERVE_URL := http://127.0.0.1:8000
 CURL_JSON = -H 'Content-Type: application/json' -H "Authorization: Bearer $$KILN_API_KEY"
 # An 8x8 "1" (intensities in [0, 1]), the kind of image the digits SNN was trained on.
 DEMO_DIGIT := [[0,0,0,1,1,0,0,0],[0,0,1,1,1,0,0,0],[0,0,0,1,1,0,0,0],[0,0,0,1,1,0,0,0],\
 	[0,0,0,1,1,0,0,0],[0,0,0,1,1,0,0,0],[0,0,0,1,1,0,0,0],[0,0,1,1,1,1,0,0]]
+# A held-out shapes-world image as a base64 PNG request, its caption on stderr (the GP's input).
+DEMO_SHAPE := from kiln.worlds.shapes import ShapesWorld; import base64, io, json, sys; \
+	from PIL import Image; scene = ShapesWorld().scenes("test", 1)[0]; \
+	png = io.BytesIO(); Image.fromarray(ShapesWorld().images([scene])[0]).save(png, "PNG"); \
+	print("caption:", scene.caption, file=sys.stderr); \
+	print(json.dumps({"images": [base64.b64encode(png.getvalue()).decode()]}))
 
 .PHONY: install demo test test-gpu lint format clean
 
@@ -45,8 +53,9 @@ test-gpu: $(INSTALLED)
 	$(BIN)/python -m pytest -m gpu
 
 # Starts a local Ray head (dashboard at http://$(RAY_DASHBOARD)) unless one is running,
-# submits the embedded-default training jobs to it (the tiny LM, the SpikeZIP-TF SNN), deploys
-# serve/config.yaml on them and asks each app a question with curl.
+# submits the embedded-default training jobs to it (the tiny LM, the SpikeZIP-TF SNN, the
+# diffusion base's CLIP/VAE/detector and the GP ensemble on them), deploys serve/config.yaml on
+# them and asks each app a question with curl.
 # The head gets .venv/bin first on PATH so the `python` of submitted jobs is this venv's.
 # Token authentication is on: the token lives in ~/.ray/auth_token (made on first use).
 # An API key for the apps: export KILN_API_KEY before the head starts (never in a file).
@@ -59,6 +68,12 @@ demo: $(INSTALLED)
 		--working-dir . -- python -m jobs.pretrain_lm --preset tiny --output $(DEMO_RUN)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
 		--working-dir . -- python -m jobs.spikezip --preset tiny --output $(DEMO_SNN)
+	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
+		--working-dir . -- python -m jobs.pretrain_diffusion --preset tiny \
+		--set 'stages=[clip,vae,detector]' --output $(DEMO_DIFFUSION)
+	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
+		--working-dir . -- python -m jobs.gp_fewshot --preset tiny \
+		--set base_run=$(DEMO_DIFFUSION) --output $(DEMO_GP)
 	RAY_AUTH_MODE=token $(BIN)/serve deploy serve/config.yaml --address http://$(RAY_DASHBOARD)
 	@for i in $$(seq 120); do \
 		curl -sf $(SERVE_URL)/ready >/dev/null && curl -sf $(SERVE_URL)/v1/classify/ready \
@@ -69,13 +84,16 @@ demo: $(INSTALLED)
 	@echo
 	curl -sSf $(SERVE_URL)/v1/classify/snn $(CURL_JSON) -d '{"images": [$(DEMO_DIGIT)]}'
 	@echo
+	$(BIN)/python -c '$(DEMO_SHAPE)' | curl -sSf $(SERVE_URL)/v1/classify/gp $(CURL_JSON) -d @-
+	@echo
 	@echo
 	@echo "Dashboard (jobs, Train runs, Tune sweeps, Serve): http://$(RAY_DASHBOARD)"
 	@echo "Model:        $(DEMO_RUN)/model"
 	@echo "Checkpoints:  $(DEMO_RUN)/checkpoints"
 	@echo "Metrics:      $(DEMO_RUN)/metrics.jsonl  $(DEMO_RUN)/summary.json"
 	@echo "TensorBoard:  $(BIN)/tensorboard --logdir $(DEMO_RUN)/tensorboard"
-	@echo "Serving:      $(SERVE_URL)/v1 (OpenAI API), $(SERVE_URL)/v1/classify/snn"
+	@echo "GP results:   $(DEMO_GP)/results.md  $(DEMO_GP)/accuracy_vs_shots.png"
+	@echo "Serving:      $(SERVE_URL)/v1 (OpenAI API), $(SERVE_URL)/v1/classify/{snn,gp}"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

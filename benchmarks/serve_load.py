@@ -1,16 +1,17 @@
 """Load on the serving apps of serve/config.yaml, over loopback, bounded in count and time.
 
-    python benchmarks/serve_load.py --llm-model PATH --snn-model PATH [--snn-levels 16]
+    python benchmarks/serve_load.py [--llm-model PATH] [--snn-model PATH] [--gp-model PATH]
 
 Starts `serve run` on the config (a local Ray cluster unless RAY_ADDRESS is set) with the given
-model folders, then:
+model folders (default: the ones serve/config.yaml names, which `make demo` trains), then:
 - LLM: Poisson arrivals at each rate of `--rates` (requests/s), `--requests` streamed
   completions per rate, each generating exactly `--max-tokens` tokens (EOS ignored, greedy).
   Per rate: TTFT, TPOT and end-to-end latency (p50/p99), output tokens/s, and the count of each
   non-200 status; then an overload burst (`--burst` requests at once) that must be answered
   with 503 + Retry-After rather than queue without bound.
-- Classifiers: `--classify-requests` single-image requests at concurrency 1 and 4: requests/s
-  and latency p50/p99.
+- Classifiers, the SNN (an 8x8 grey image) and the GP ensemble (a 32x32 test-split image of the
+  shapes world): `--classify-requests` single-image requests per model at concurrency 1 and 4,
+  requests/s and latency p50/p99.
 Prints one JSON record; BENCHMARKS.md keeps the latest.
 """
 
@@ -108,7 +109,7 @@ async def burst(session, url: str, count: int, body: dict) -> dict:
     }
 
 
-async def classify_load(session, url: str, count: int, concurrency: int, image) -> dict:
+async def classify_load(session, url: str, model: str, count: int, concurrency: int, image) -> dict:
     latencies, statuses = [], []
     queue = asyncio.Queue()
     for _ in range(count):
@@ -118,7 +119,7 @@ async def classify_load(session, url: str, count: int, concurrency: int, image) 
         while not queue.empty():
             queue.get_nowait()
             start = time.perf_counter()
-            async with session.post(f"{url}/v1/classify/snn", json={"images": [image]}) as r:
+            async with session.post(f"{url}/v1/classify/{model}", json={"images": [image]}) as r:
                 await r.read()
                 statuses.append(r.status)
             latencies.append(time.perf_counter() - start)
@@ -127,6 +128,7 @@ async def classify_load(session, url: str, count: int, concurrency: int, image) 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     return {
+        "model": model,
         "concurrency": concurrency,
         "requests": count,
         "errors": {str(code): statuses.count(code) for code in set(statuses) - {200}},
@@ -152,9 +154,22 @@ async def measure(url: str, key: str | None, args) -> dict:
             for i, rate in enumerate(args.rates)
         ]
         overload = await burst(s, url, args.burst, body)
-        image = [[0.5] * 8 for _ in range(8)]
-        classify = [await classify_load(s, url, args.classify_requests, c, image) for c in (1, 4)]
+        images = {"snn": [[0.5] * 8 for _ in range(8)], "gp": shapes_image()}
+        classify = [
+            await classify_load(s, url, model, args.classify_requests, c, image)
+            for model, image in images.items()
+            for c in (1, 4)
+        ]
     return {"llm": llm, "overload_burst": overload, "classify": classify}
+
+
+def shapes_image() -> list:
+    """The first test-split image of the default shapes world, [3][32][32] in [0, 1]."""
+    from kiln.worlds.shapes import ShapesWorld
+
+    world = ShapesWorld()
+    pixels = world.images(world.scenes("test", 1))[0]  # [32, 32, 3] uint8
+    return (pixels.transpose(2, 0, 1) / 255).round(4).tolist()
 
 
 def ready(url: str) -> bool:
@@ -172,9 +187,10 @@ def ready(url: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--llm-model", required=True)
-    parser.add_argument("--snn-model", required=True)
+    parser.add_argument("--llm-model", help="default: serve/config.yaml's")
+    parser.add_argument("--snn-model", help="default: serve/config.yaml's")
     parser.add_argument("--snn-levels", type=int, default=16)
+    parser.add_argument("--gp-model", help="default: serve/config.yaml's")
     parser.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--requests", type=int, default=24, help="LLM requests per rate")
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -186,9 +202,14 @@ def main() -> None:
     config = yaml.safe_load((REPO / "serve/config.yaml").read_text())
     config["http_options"]["port"] = args.port
     llm, classify = config["applications"]
-    llm["args"]["model"] = str(Path(args.llm_model).resolve())
-    snn = classify["args"]["models"]["snn"]
-    snn.update(path=str(Path(args.snn_model).resolve()), options={"levels": args.snn_levels})
+    models = classify["args"]["models"]
+    for section, key, given in [
+        (llm["args"], "model", args.llm_model),
+        (models["snn"], "path", args.snn_model),
+        (models["gp"], "path", args.gp_model),
+    ]:
+        section[key] = str(Path(given).resolve() if given else REPO / section[key])
+    models["snn"]["options"]["levels"] = args.snn_levels
     url = f"http://127.0.0.1:{args.port}"
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config_file:
         yaml.safe_dump(config, config_file)

@@ -1,18 +1,23 @@
 """SmartSpec against fixed speculation lengths under Poisson load (issue 7, acceptance 3).
 
     python benchmarks/smartspec.py [--requests 32] [--max-tokens 64] [--loads 0.1,0.5,0.9]
+        [--repeats 3]
     python benchmarks/smartspec.py --model PATH --draft PATH --proposers ngram
 
-Target: `pretrain_lm --preset tiny`, draft: `pretrain_lm --preset draft` (both from the kiln
-cache, trained there first if missing; or --model / --draft). Prompts are text-world test
-prompts (arithmetic, key-value recall, copy: the copy task is input-grounded, where prompt
-lookup shines). Requests are greedy and stop at EOS or --max-tokens, so every policy produces the
-same tokens (speculation is lossless) and the same work.
+Target: `pretrain_lm --preset spec`, draft: `pretrain_lm --preset spec_draft` (the tiny and
+draft shapes on a copy-heavy text world; both from the kiln cache, trained there first if
+missing; or --model / --draft). Prompts are test prompts of that world (half copy, the rest
+arithmetic and key-value recall: the copy task is input-grounded, where prompt lookup shines).
+Requests are greedy and stop at EOS or --max-tokens, so every policy produces the same tokens
+(speculation is lossless) and the same work.
 
 Load: first the saturated capacity C (requests/s with all requests submitted at once and no
 speculation); then, per load factor f, arrivals are a seeded Poisson process of rate f·C.
 Policies per proposer (draft model, n-gram): no speculation, fixed k in {1, 2, 4, 8}, SmartSpec.
-Latency = finish time - arrival time. Writes results.json, results.md (the table) and
+Latency = finish time - arrival time. Each (rate, policy) cell is measured `--repeats` times,
+interleaved: repeat r replays the arrivals of seed + r for every policy in an order rotated by
+r, so drift in the machine's speed hits every policy alike; a cell reports the median over
+repeats of the mean and of the p99 latency. Writes results.json, results.md (the table) and
 latency_vs_rate.png to --out, and prints the table with the issue's two goals checked:
 SmartSpec within 5% of the best fixed policy at every rate, and at most 0.7x the
 no-speculation latency at the lowest rate.
@@ -36,6 +41,7 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from jobs import pretrain_lm
+from kiln.config import load_config
 from kiln.engine import LLMEngine, SamplingParams
 from kiln.worlds.text import TextWorld
 
@@ -84,6 +90,17 @@ def serve(engine: LLMEngine, prompts, params, arrivals: list[float]) -> dict:
     }
 
 
+def median_run(repeats: list[dict]) -> dict:
+    """One table cell: the median over repeats of each latency statistic."""
+    acceptance = [r["acceptance"] for r in repeats if r["acceptance"] is not None]
+    return {
+        "mean_s": float(np.median([r["mean_s"] for r in repeats])),
+        "p99_s": float(np.median([r["p99_s"] for r in repeats])),
+        "acceptance": float(np.median(acceptance)) if acceptance else None,
+        "repeats_mean_s": [r["mean_s"] for r in repeats],
+    }
+
+
 def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
     rng = random.Random(seed)
     t, out = 0.0, []
@@ -104,7 +121,7 @@ def table(results: dict, loads: list[float], rates: list[float]) -> str:
             cells = []
             for run in runs:
                 acc = "" if run["acceptance"] is None else f"; {run['acceptance']:.2f}"
-                cells.append(f"{run['mean_s']:.2f} / {run['p99_s']:.2f}{acc}")
+                cells.append(f"{run['mean_s']:.3f} / {run['p99_s']:.3f}{acc}")
             lines.append(f"| {policy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -145,13 +162,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--loads", default="0.1,0.5,0.9", help="fractions of saturated capacity")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/smartspec"))
     args = parser.parse_args()
     proposers = args.proposers.split(",")
-    model = args.model or pretrain_lm.pretrained_model("tiny")
-    draft = args.draft or (pretrain_lm.pretrained_model("draft") if "draft" in proposers else None)
+    model = args.model or pretrain_lm.pretrained_model("spec")
+    draft = args.draft or (
+        pretrain_lm.pretrained_model("spec_draft") if "draft" in proposers else None
+    )
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = [tokenizer(e.prompt).input_ids for e in TextWorld().split("test", args.requests)]
+    world = TextWorld(load_config(pretrain_lm.PretrainLMConfig, "spec").world)
+    prompts = [tokenizer(e.prompt).input_ids for e in world.split("test", args.requests)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
 
     baseline = make_engine(model, draft, "none", 0)
@@ -164,15 +185,24 @@ def main() -> None:
 
     results: dict[str, dict[str, list[dict]]] = {}
     for proposer in proposers:
-        results[proposer] = {}
-        for policy in POLICIES:
-            engine = baseline if policy == 0 else make_engine(model, draft, proposer, policy)
-            name = "none" if policy == 0 else str(policy)
-            results[proposer][name] = [
-                serve(engine, prompts, params, poisson_arrivals(len(prompts), rate, args.seed))
-                for rate in rates
-            ]
-            print(proposer, name, [round(r["mean_s"], 3) for r in results[proposer][name]])
+        engines = {
+            "none" if policy == 0 else str(policy): (
+                baseline if policy == 0 else make_engine(model, draft, proposer, policy)
+            )
+            for policy in POLICIES
+        }
+        runs: dict[str, list[list[dict]]] = {name: [[] for _ in rates] for name in engines}
+        for i, rate in enumerate(rates):
+            for repeat in range(args.repeats):
+                arrivals = poisson_arrivals(len(prompts), rate, args.seed + repeat)
+                names = list(engines)
+                for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+                    runs[name][i].append(serve(engines[name], prompts, params, arrivals))
+        results[proposer] = {
+            name: [median_run(cell) for cell in cells] for name, cells in runs.items()
+        }
+        for name, cells in results[proposer].items():
+            print(proposer, name, [round(cell["mean_s"], 4) for cell in cells])
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -181,6 +211,7 @@ def main() -> None:
         "model": str(model),
         "draft": str(draft),
         "requests": args.requests,
+        "repeats": args.repeats,
         "max_tokens": args.max_tokens,
         "capacity_req_per_s": capacity,
         "loads": loads,

@@ -21,7 +21,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from jobs import generate
 from jobs.pretrain_diffusion import JOBS, PretrainDiffusionConfig, _stage_config, train
 from jobs.runner import check_config, cli, collate
-from kiln.config import load_config
+from kiln.config import ConfigError, load_config
 from kiln.diffusion.evaluate import generate_images
 
 OVERRIDES = [
@@ -90,6 +90,27 @@ def test_rerun_skips_the_finished_base(base_run):
     again, _ = cli("pretrain_diffusion", PretrainDiffusionConfig, train,
                    ["--output", str(run_dir)] + [f"--set={o}" for o in OVERRIDES])  # fmt: skip
     assert again == summary and (run_dir / "unet" / "model").stat().st_mtime == stamp
+
+
+def test_stages_without_the_unet_train_no_pipeline(tmp_path):
+    """What the GP ensemble needs (clip, vae, detector): those stages' runs, no UNet stage, no
+    pipeline and no evaluation of one. The stages are finished without Ray, so `train` must
+    skip them: a missing stage would start Ray Train and fail without a cluster."""
+    run_dir = tmp_path / "run"
+    overrides = [*OVERRIDES, "stages=[detector,clip,vae]"]
+    config = load_config(PretrainDiffusionConfig, "tiny", None, overrides)
+    assert config.stages == ["clip", "vae", "detector"]  # training order
+    for stage in config.stages:
+        _finish_stage_without_ray(config, run_dir, stage)
+    summary = train(config, run_dir)
+    assert set(summary) == {"clip", "vae", "detector"}
+    assert not (run_dir / "unet").exists() and not (run_dir / "pipeline").exists()
+
+
+@pytest.mark.parametrize("stages", ["[unet]", "[clip,unet]", "[]", "[clip,text]"])
+def test_bad_stage_lists_are_refused(stages):
+    with pytest.raises(ConfigError, match="stages"):
+        load_config(PretrainDiffusionConfig, "tiny", None, [f"stages={stages}"])
 
 
 def test_pipeline_folder_loads_in_plain_diffusers_without_kiln(base_run):

@@ -94,7 +94,7 @@ def url(ray_cluster, models, tmp_path_factory):
     llm, classify = config["applications"]
     llm["args"].update(model=str(models["llm"]), max_num_seqs=8, torch_threads=1)
     classify["args"]["models"]["snn"].update(path=str(models["snn"]), options={"levels": LEVELS})
-    classify["args"]["models"]["gp"] = {"kind": "gp", "path": str(models["gp"])}
+    classify["args"]["models"]["gp"].update(path=str(models["gp"]))
     classify["args"]["torch_threads"] = 1
     for deployment in llm["deployments"] + classify["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0}
