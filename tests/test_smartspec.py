@@ -204,3 +204,21 @@ def test_caps_limit_proposals_and_requests_without_proposals_count_one_token():
     controller, _ = _controller(_time_model(constant=0.05, per_token=0.0), [0.9, 0.9, 0.9])
     requests = [SpecCandidate(0, 50, 2), SpecCandidate(1, 50, 0), SpecCandidate(2, 50, 20)]
     assert controller.choose(requests) == [2, 0, 8]
+
+
+@pytest.mark.parametrize("per_request", [True, False])
+def test_a_choices_predicted_time_is_the_time_models_with_every_term(per_request):
+    """choose() folds the step time into (Σk, max k) per prefix: it must equal predict() on the
+    chosen lengths, the draft's per-pass term (max k) and every target feature included."""
+    time_model = _time_model(constant=0.01, per_token=1e-4, spec_overhead=5e-4,
+                             draft=(1e-3, 4e-4, 1e-5))  # fmt: skip
+    time_model.target.coefficients[2:4] = [2e-6, 1e-4]  # context tokens, sequences
+    alphas = [0.95, 0.8, 0.6, 0.3]
+    controller, requests = _controller(time_model, alphas, max_k=6, per_request=per_request)
+    ks = controller.choose(requests, other_tokens=7)
+    assert any(ks) and (len(set(ks)) > 1) == per_request
+    seconds = controller.metrics()["spec_step_seconds_predicted"]
+    assert seconds == pytest.approx(time_model.predict(ks, 400, other_tokens=7), rel=1e-12)
+    # Negative controls: leaving out the draft's passes or the prefill tokens changes it.
+    assert seconds != pytest.approx(time_model.predict(ks, 400, 7, drafting=False), rel=1e-6)
+    assert seconds != pytest.approx(time_model.predict(ks, 400), rel=1e-6)
