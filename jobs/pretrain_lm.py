@@ -25,6 +25,14 @@ from kiln.worlds.tokenizer import train_tokenizer
 # The CPU presets share one schedule: 1200 steps of 2 x 16 x 128 tokens, about 6 min on 2 cores.
 _CPU_SCHEDULE = {"max_steps": 1200, "lr": 3e-3, "warmup_steps": 50, "log_every": 20}
 _SPEC_MIX = {"arithmetic": 0.3, "recall": 0.2, "copy": 0.5}
+# The speculation drafts: a quarter of the tiny model's width, half its depth.
+_DRAFT_MODEL = {
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "num_kv_heads": 2,
+    "intermediate_size": 192,
+}
 
 
 class PretrainLMConfig(JobConfig):
@@ -59,31 +67,12 @@ class PretrainLMConfig(JobConfig):
             "runner": _CPU_SCHEDULE,
             "min_test_accuracy": 0.9,
         },
-        "draft": {
-            "model": {
-                "hidden_size": 64,
-                "num_layers": 2,
-                "num_heads": 2,
-                "num_kv_heads": 2,
-                "intermediate_size": 192,
-            },
-            "runner": _CPU_SCHEDULE,
-        },
+        "draft": {"model": _DRAFT_MODEL, "runner": _CPU_SCHEDULE},
         # Target and draft of the SmartSpec benchmark: the tiny and draft shapes on a copy-heavy
         # mix (the same world, so one tokenizer), where output is grounded in the prompt and
         # both prompt lookup and a draft have something to propose.
         "spec": {"world": {"mix": _SPEC_MIX}, "runner": _CPU_SCHEDULE},
-        "spec_draft": {
-            "model": {
-                "hidden_size": 64,
-                "num_layers": 2,
-                "num_heads": 2,
-                "num_kv_heads": 2,
-                "intermediate_size": 192,
-            },
-            "world": {"mix": _SPEC_MIX},
-            "runner": _CPU_SCHEDULE,
-        },
+        "spec_draft": {"model": _DRAFT_MODEL, "world": {"mix": _SPEC_MIX}, "runner": _CPU_SCHEDULE},
         "moe": {
             "model": {
                 "family": "mixtral",
