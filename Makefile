@@ -18,8 +18,8 @@ DEMO_DIGIT := [[0,0,0,1,1,0,0,0],[0,0,1,1,1,0,0,0],[0,0,0,1,1,0,0,0],[0,0,0,1,1,
 	[0,0,0,1,1,0,0,0],[0,0,0,1,1,0,0,0],[0,0,0,1,1,0,0,0],[0,0,1,1,1,1,0,0]]
 # A held-out shapes-world image as a base64 PNG request, its caption on stderr (the GP's input).
 DEMO_SHAPE := from kiln.worlds.shapes import ShapesWorld; import base64, io, json, sys; \
-	from PIL import Image; scene = ShapesWorld().scenes("test", 1)[0]; \
-	png = io.BytesIO(); Image.fromarray(ShapesWorld().images([scene])[0]).save(png, "PNG"); \
+	from PIL import Image; world = ShapesWorld(); scene = world.scenes("test", 1)[0]; \
+	png = io.BytesIO(); Image.fromarray(world.images([scene])[0]).save(png, "PNG"); \
 	print("caption:", scene.caption, file=sys.stderr); \
 	print(json.dumps({"images": [base64.b64encode(png.getvalue()).decode()]}))
 

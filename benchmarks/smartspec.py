@@ -192,10 +192,10 @@ def main() -> None:
             for policy in POLICIES
         }
         runs: dict[str, list[list[dict]]] = {name: [[] for _ in rates] for name in engines}
+        names = list(engines)
         for i, rate in enumerate(rates):
             for repeat in range(args.repeats):
                 arrivals = poisson_arrivals(len(prompts), rate, args.seed + repeat)
-                names = list(engines)
                 for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
                     runs[name][i].append(serve(engines[name], prompts, params, arrivals))
         results[proposer] = {

@@ -95,7 +95,7 @@ def test_rerun_skips_the_finished_base(base_run):
 def test_stages_without_the_unet_train_no_pipeline(tmp_path):
     """What the GP ensemble needs (clip, vae, detector): those stages' runs, no UNet stage, no
     pipeline and no evaluation of one. The stages are finished without Ray, so `train` must
-    skip them: a missing stage would start Ray Train and fail without a cluster."""
+    only skip them: a UNet stage would train through Ray and leave unet/ and pipeline/."""
     run_dir = tmp_path / "run"
     overrides = [*OVERRIDES, "stages=[detector,clip,vae]"]
     config = load_config(PretrainDiffusionConfig, "tiny", None, overrides)
