@@ -3,10 +3,11 @@ counter neither repeats nor skips, and the data order (hence every loss) matches
 was never interrupted."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import SMALL
+from conftest import REPO, SMALL
 from jobs.pretrain_lm import JOB
 from jobs.runner import KILL_AT_STEP_ENV, run
 from kiln.config import load_config
@@ -36,9 +37,14 @@ def test_killed_worker_resumes_with_contiguous_steps(uninterrupted, tmp_path, mo
         assert row["loss"] == pytest.approx(reference[row["step"]], rel=1e-5, abs=1e-6), row
 
 
-def test_resume_from_another_runs_checkpoint_continues_its_trajectory(uninterrupted, tmp_path):
-    checkpoint = uninterrupted / "checkpoints" / "step_000008"
+def test_resume_from_another_runs_checkpoint_continues_its_trajectory(
+    uninterrupted, tmp_path, monkeypatch
+):
+    # Relative to the launching directory, as a user types it: the workers run elsewhere.
+    monkeypatch.chdir(uninterrupted)
+    checkpoint = Path("checkpoints") / "step_000008"
     config = load_config(JOB.config_cls, "tiny", None, [*SMALL, f"runner.resume_from={checkpoint}"])
+    monkeypatch.chdir(REPO)
     run(JOB, config, tmp_path)
     # Ignoring resume_from would log steps 1-12; restoring weights without the optimizer state
     # would change the losses below.

@@ -73,12 +73,15 @@ class RunnerConfig(Section):
     @field_validator("resume_from")
     @classmethod
     def _checkpoint_exists(cls, path: Path | None) -> Path | None:
-        if path is not None and not (path / "kiln_state.json").is_file():
+        if path is None:
+            return None
+        if not (path / "kiln_state.json").is_file():
             raise ValueError(
                 f"expected a kiln checkpoint folder (with kiln_state.json), got {str(path)!r}"
                 + ("" if path.exists() else ", which does not exist")
             )
-        return path
+        # Absolute, because the workers validate the config again from another directory.
+        return path.resolve()
 
     @model_validator(mode="after")
     def _zero_options_fit_the_stage(self) -> RunnerConfig:
