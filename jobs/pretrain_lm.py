@@ -5,9 +5,8 @@
 `tiny` is the base model later jobs start from (DPO, Attention-Gate, the engine's target);
 `draft` a smaller model for speculative decoding (`spec`/`spec_draft`: the pair on a copy-heavy
 world, for the SmartSpec benchmark); `moe` a Mixtral variant for AdaMoE; `small` a larger model
-for a GPU.
-The run exports `<run dir>/model` (model + tokenizer) and reports held-out greedy accuracy per
-task in summary.json.
+for a GPU. The run exports `<run dir>/model` (model + tokenizer) and reports held-out greedy
+accuracy per task in summary.json.
 """
 
 from __future__ import annotations
