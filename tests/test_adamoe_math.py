@@ -145,6 +145,20 @@ def test_null_router_starts_tied_to_its_true_twin():
             torch.testing.assert_close(logits[:, N + j], logits[:, j % N])
 
 
+@pytest.mark.parametrize(("num_null", "top_k"), [(4, 3), (8, 4), (8, 5)])
+def test_a_fresh_conversion_equals_the_original_until_the_twins_separate(num_null, top_k):
+    base = mixtral()
+    ids, mask = inputs()
+    expected = base(ids, attention_mask=mask).logits
+    model = convert(base, num_null, top_k)
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=0)
+    # Negative control: a router update that raises the nulls a little moves tokens onto them.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.null_weight.mul_(1.05)
+    assert (model(ids, attention_mask=mask).logits - expected).abs().max() > 1e-3
+
+
 def test_null_aware_loss_matches_switch_at_zero_nulls_and_k_prime_when_uniform():
     logits = tuple(torch.randn(30, N) for _ in range(3))
     mask = torch.ones(3, 10)

@@ -94,7 +94,7 @@ def test_profile_fits_the_machine_it_times(monkeypatch):
         clock[0] += 5e-4 + 1e-3 * k + 2e-4 * num_seqs * k
 
     model = smartspec.profile(target_fn, draft_fn, max_seqs=8, max_k=4)
-    assert model.target.coefficients == pytest.approx([1e-3, 2e-5, 1e-7, 0, 0], abs=1e-9)
+    assert model.target.coefficients == pytest.approx([1e-3, 2e-5, 1e-7, 0, 0, 0, 0], abs=1e-9)
     assert model.draft.coefficients == pytest.approx([5e-4, 1e-3, 2e-4], rel=1e-6)
     # k = 0 costs no drafting; k = 2 for 3 requests: 9 tokens plus two draft passes.
     assert model.predict([0, 0, 0], 300) == pytest.approx(1e-3 + 2e-5 * 3 + 1e-7 * 300)
@@ -103,9 +103,37 @@ def test_profile_fits_the_machine_it_times(monkeypatch):
     )
 
 
+def test_online_steps_fit_the_engine_overhead_that_bare_forwards_miss(monkeypatch):
+    """Real steps cost a bare forward plus per-request work (sampling, verification,
+    bookkeeping) that the start-up profile cannot see; the refit must learn it."""
+    clock = [0.0]
+    monkeypatch.setattr(smartspec.time, "perf_counter", lambda: clock[0])
+
+    def forward(num_seqs, tokens_per_seq, context_len) -> float:
+        return 1e-3 + 2e-5 * num_seqs * tokens_per_seq + 1e-7 * num_seqs * context_len
+
+    def target_fn(num_seqs, tokens_per_seq, context_len):
+        clock[0] += forward(num_seqs, tokens_per_seq, context_len)
+
+    model = smartspec.profile(target_fn, max_seqs=16, max_k=4, refit_every=10)
+    rng = np.random.default_rng(0)
+    for _ in range(40):  # decode steps, mostly plain, as SmartSpec observes them
+        batch, k = int(rng.integers(1, 17)), int(rng.choice([0, 0, 0, 2]))
+        step = forward(batch, k + 1, 50) + 5e-4 + 3e-4 * batch  # the engine's overhead
+        model.observe([k] * batch, batch * (k + 1), 50 * batch, batch, step)
+    truth = forward(16, 1, 50) + 5e-4 + 3e-4 * 16
+    assert model.predict([0] * 16, 50 * 16) == pytest.approx(truth, rel=1e-6)
+    assert model.predict([2] * 16, 50 * 16, drafting=False) == pytest.approx(
+        forward(16, 3, 50) + 5e-4 + 3e-4 * 16, rel=1e-6
+    )
+    # Negative control: the profile alone predicts the bare forward, far below the real step.
+    bare = smartspec.profile(target_fn, max_seqs=16, max_k=4)
+    assert bare.predict([0] * 16, 50 * 16) < 0.6 * truth
+
+
 def _time_model(constant=0.01, per_token=1e-4, spec_overhead=0.0, draft=(0.0, 0.0, 0.0)):
     model = StepTimeModel()
-    model.target.coefficients = [constant, per_token, 0.0, 0.0, spec_overhead]
+    model.target.coefficients = [constant, per_token, 0.0, 0.0, spec_overhead, 0.0, 0.0]
     model.draft.coefficients = list(draft)
     return model
 
@@ -213,6 +241,7 @@ def test_a_choices_predicted_time_is_the_time_models_with_every_term(per_request
     time_model = _time_model(constant=0.01, per_token=1e-4, spec_overhead=5e-4,
                              draft=(1e-3, 4e-4, 1e-5))  # fmt: skip
     time_model.target.coefficients[2:4] = [2e-6, 1e-4]  # context tokens, sequences
+    time_model.target.coefficients[5:] = [3e-4, 2e-4]  # the engine's own overhead
     alphas = [0.95, 0.8, 0.6, 0.3]
     controller, requests = _controller(time_model, alphas, max_k=6, per_request=per_request)
     ks = controller.choose(requests, other_tokens=7)

@@ -15,10 +15,14 @@ Router (n true experts, m nulls; x is a token's hidden state):
     y(x) = Σ_{i∈S_T} p_i / (Σ_{j∈S_T} p_j) · E_i(x)      and y(x) = 0 when S_T is empty
 
 Null-router initialisation: W_null row j = W_g row (j mod n), so every null starts tied with a
-true-expert twin (the official code tiles W_g m/n times). The ties are exact, so which of a true
-expert and its twins fill the k' slots at step 0 is torch.topk's tie order: on CPU nulls often
-win, and with m = 2n, k' = 2k a converted model starts near top-1 (|S_T| ≈ 1.1) until the first
-router update separates the twins.
+true-expert twin (the official code tiles W_g m/n times). The ties are exact, so the tie order
+decides which of a true expert and its twins fill the k' slots at step 0. `select_experts`
+breaks ties toward true experts (a stable sort; torch.topk, which the official code uses, has
+no documented tie order and on CPU puts nulls first, so m = 2n, k' = 2k would start near top-1,
+|S_T| ≈ 1.1). With true experts first, the ranking at step 0 is A, its twins, B, its twins, ...,
+so whenever k' ≥ (m/n + 1)(k − 1) + 1 (the paper's m = n, k' = k + 1 and m = 2n, k' = 2k, and
+m = 8, k' = 5 on n = 4, k = 2) the converted model starts exactly equal to the original top-k
+model, and fine-tuning moves away from it (tested).
 
 Load balancing, ℓ_null: with f_i the fraction of routing slots sent to expert i and P_i the mean
 router probability of expert i (both over tokens and layers, as Hugging Face's Mixtral loss),
@@ -76,6 +80,15 @@ class AdaMoEConfig(MixtralConfig):
     base_top_k: int | None = None  # k of the model it was converted from: the FLOPs baseline
 
 
+def select_experts(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Indices of the top_k largest entries per row, ties broken toward the lower index.
+
+    True experts come first in the router's columns, so a true expert wins a tie with its null
+    twin (module docstring). Without ties this is exactly torch.topk's selection and order.
+    """
+    return torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :top_k]
+
+
 def route(
     router_logits: torch.Tensor, num_experts: int, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +99,8 @@ def route(
     zero denominator is replaced by 1).
     """
     probs = F.softmax(router_logits.float(), dim=-1)
-    top_probs, indices = torch.topk(probs, top_k, dim=-1)
+    indices = select_experts(probs, top_k)
+    top_probs = probs.gather(-1, indices)
     true_probs = top_probs * (indices < num_experts)
     total = true_probs.sum(dim=-1, keepdim=True)
     return true_probs / torch.where(total > 0, total, torch.ones_like(total)), indices
@@ -95,7 +109,7 @@ def route(
 def true_experts_per_token(router_logits: torch.Tensor, num_experts: int, top_k: int):
     """|S_T| of every token (row) of one layer's router logits: how many true FFNs it runs."""
     probs = F.softmax(router_logits.float(), dim=-1)  # as `route`, so ties break the same way
-    return (torch.topk(probs, top_k, dim=-1).indices < num_experts).sum(dim=-1)
+    return (select_experts(probs, top_k) < num_experts).sum(dim=-1)
 
 
 def null_aware_balance_loss(
@@ -118,7 +132,7 @@ def null_aware_balance_loss(
             if attention_mask is None
             else attention_mask.reshape(-1).to(device, torch.float32)
         )
-        selected = torch.topk(probs, top_k, dim=-1).indices
+        selected = select_experts(probs, top_k)
         load = load.scatter_add(0, selected.reshape(-1), token_weight.repeat_interleave(top_k))
         importance = importance + (probs * token_weight[:, None]).sum(dim=0)
         rows = rows + token_weight.sum()

@@ -18,11 +18,19 @@ Step time (the paper's T ≈ a·N_context + b·N_batched + c [recollection] as e
 prototype, plus a draft term; least squares with coefficients constrained ≥ 0):
     T_step = T_target + [any k_i > 0] · T_draft
     T_target = c_0 + c_tok·N_batched + c_kv·N_context + c_bs·B + c_spec·[any k_i > 0]
+               + e_0 + e_bs·B                               (engine overhead, online only)
     N_batched = Σ_i (k_i + 1) + other scheduled tokens (prefill chunks)
     T_draft  = d_0 + d_pass·max_i k_i + d_tok·Σ_i k_i   (sequential draft passes; per-token cost)
 `profile` fits both at start-up from timed forwards on this machine; every observed step (and
 draft) time is added and the model refit every `refit_every` observations (TurboSpec's closed
 loop). Profiled samples are kept, so a narrow run of online steps cannot swing the fit.
+A profiled forward is bare: it has none of a real step's sampling, verification and
+per-request bookkeeping (about 0.3 ms per request per step on a 2-core CPU, BENCHMARKS.md), and
+in decode steps that per-request cost is collinear with N_batched, so a fit over both kinds of
+sample would put it into neither and under-predict a large batch's plain step, the step
+speculation is compared with. The engine terms e_0, e_bs are therefore features only observed
+steps carry (0 in profiled samples): the profile pins the forward's coefficients, the online
+steps fit the overhead on top, and every prediction is of a real step (engine terms on).
 
 Acceptance rate. The engine counts accepted drafts only up to the first rejection, so the naive
 ratio accepted/drafted has expectation α(1 − α^k) / (k(1 − α)) < α. With a_s accepted of k_s
@@ -182,7 +190,15 @@ class StepTimeModel:
 
     def __init__(self, refit_every: int = 50):
         self.target = LinearTimeModel(
-            ("constant", "batched_tokens", "context_tokens", "num_seqs", "speculating")
+            (
+                "constant",
+                "batched_tokens",
+                "context_tokens",
+                "num_seqs",
+                "speculating",
+                "engine",
+                "engine_seqs",
+            )
         )
         self.draft = LinearTimeModel(("constant", "draft_passes", "draft_tokens"))
         self.refit_every = refit_every
@@ -194,7 +210,8 @@ class StepTimeModel:
         """Seconds for a step whose decoding requests verify ks drafts (plus other_tokens of
         prefill chunks); drafting=False leaves out the proposer (n-gram proposals exist already)."""
         batched_tokens = sum(ks) + len(ks) + other_tokens
-        seconds = self.target.predict([1, batched_tokens, context_tokens, len(ks), any(ks)])
+        features = [1, batched_tokens, context_tokens, len(ks), any(ks), 1, len(ks)]
+        seconds = self.target.predict(features)
         if any(ks) and drafting:
             seconds += self.draft.predict([1, max(ks), sum(ks)])
         return seconds
@@ -207,9 +224,9 @@ class StepTimeModel:
         proposal order with a few float operations (plain Python beats tensor ops here)."""
         if self.target.coefficients is None or (drafting and self.draft.coefficients is None):
             raise RuntimeError("the time model has no fit yet: profile or fit it first")
-        c_0, c_token, c_context, c_seq, c_spec = self.target.coefficients
+        c_0, c_token, c_context, c_seq, c_spec, e_0, e_seq = self.target.coefficients
         target_fixed = c_0 + c_token * (num_seqs + other_tokens) + c_context * context_tokens
-        target_fixed += c_seq * num_seqs + c_spec
+        target_fixed += (c_seq + e_seq) * num_seqs + c_spec + e_0
         d_0, d_pass, d_token = self.draft.coefficients if drafting else (0.0, 0.0, 0.0)
 
         def seconds(total_k: int, max_k: int) -> float:
@@ -231,7 +248,8 @@ class StepTimeModel:
     ) -> None:
         """A measured step: target_seconds is everything but drafting (forward, sampling,
         verification, bookkeeping); draft_seconds the proposer's time (0 when it did not run)."""
-        self.target.add([1, batched_tokens, context_tokens, num_seqs, any(ks)], target_seconds)
+        features = [1, batched_tokens, context_tokens, num_seqs, any(ks), 1, num_seqs]
+        self.target.add(features, target_seconds)
         if any(ks) and draft_seconds > 0:
             self.draft.add([1, max(ks), sum(ks)], draft_seconds)
         self._since_refit += 1
@@ -263,8 +281,8 @@ def profile(
         for tokens in sorted({t for t in (1, 2, 3, 5, max_k + 1) if t <= max_k + 1}):
             for context in context_lens:
                 seconds = _seconds(target_fn, num_seqs, tokens, context, repeats=repeats)
-                # A bare forward: verification-shaped, without speculation's overheads.
-                features = [1, num_seqs * tokens, num_seqs * context, num_seqs, 0]
+                # A bare forward, verification-shaped: no speculation or engine overheads.
+                features = [1, num_seqs * tokens, num_seqs * context, num_seqs, 0, 0, 0]
                 model.target.add(features, seconds, profiled=True)
     model.target.fit()
     if draft_fn is not None:
