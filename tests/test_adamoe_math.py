@@ -152,7 +152,8 @@ def test_a_fresh_conversion_equals_the_original_until_the_twins_separate(num_nul
     expected = base(ids, attention_mask=mask).logits
     model = convert(base, num_null, top_k)
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=0)
-    # Negative control: a router update that raises the nulls a little moves tokens onto them.
+    # Negative control: a small null-router change, as a first update makes, breaks the ties
+    # and moves some tokens onto nulls.
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.gate.null_weight.mul_(1.05)

@@ -185,6 +185,14 @@ def _seconds(fn: Callable[..., object], *args: int, repeats: int) -> float:
     return best
 
 
+def _target_features(
+    batched_tokens: int, context_tokens: int, num_seqs: int, speculating: bool, engine: bool
+) -> list[float]:
+    """The target model's features, in `StepTimeModel.target`'s order; engine=False for a
+    profiled bare forward (module docstring)."""
+    return [1, batched_tokens, context_tokens, num_seqs, speculating, engine, engine * num_seqs]
+
+
 class StepTimeModel:
     """T_step(k_1..k_B) = T_target + [any k_i > 0]·T_draft (see the module docstring)."""
 
@@ -210,7 +218,7 @@ class StepTimeModel:
         """Seconds for a step whose decoding requests verify ks drafts (plus other_tokens of
         prefill chunks); drafting=False leaves out the proposer (n-gram proposals exist already)."""
         batched_tokens = sum(ks) + len(ks) + other_tokens
-        features = [1, batched_tokens, context_tokens, len(ks), any(ks), 1, len(ks)]
+        features = _target_features(batched_tokens, context_tokens, len(ks), any(ks), True)
         seconds = self.target.predict(features)
         if any(ks) and drafting:
             seconds += self.draft.predict([1, max(ks), sum(ks)])
@@ -248,7 +256,7 @@ class StepTimeModel:
     ) -> None:
         """A measured step: target_seconds is everything but drafting (forward, sampling,
         verification, bookkeeping); draft_seconds the proposer's time (0 when it did not run)."""
-        features = [1, batched_tokens, context_tokens, num_seqs, any(ks), 1, num_seqs]
+        features = _target_features(batched_tokens, context_tokens, num_seqs, any(ks), True)
         self.target.add(features, target_seconds)
         if any(ks) and draft_seconds > 0:
             self.draft.add([1, max(ks), sum(ks)], draft_seconds)
@@ -282,7 +290,9 @@ def profile(
             for context in context_lens:
                 seconds = _seconds(target_fn, num_seqs, tokens, context, repeats=repeats)
                 # A bare forward, verification-shaped: no speculation or engine overheads.
-                features = [1, num_seqs * tokens, num_seqs * context, num_seqs, 0, 0, 0]
+                features = _target_features(
+                    num_seqs * tokens, num_seqs * context, num_seqs, False, False
+                )
                 model.target.add(features, seconds, profiled=True)
     model.target.fit()
     if draft_fn is not None:
