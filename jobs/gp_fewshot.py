@@ -1,5 +1,6 @@
 """Low-shot shape classification on the shapes world: the GP ensemble (arXiv 2404.00312) against
-zero-shot CLIP, a linear probe, Tip-Adapter, kNN, a zero-mean GP and single-model GPs.
+zero-shot CLIP, a linear probe, Tip-Adapter, kNN, a zero-mean GP, single-model GPs and the
+ensemble without its leave-one-out temperature (`gp_ensemble_untempered`, τ = 1).
 
     python -m jobs.gp_fewshot --preset tiny [--set base_run=/path/to/pretrain_diffusion/run]
         [--set shots=[1,4] --set seeds=2] [--output runs/gp_fewshot]
@@ -216,6 +217,9 @@ def evaluate_methods(
         for method, (names, _) in gps.items():
             prediction = fitted[method].predict(_subset(features, names), scores)
             results[split][method] = prediction.probabilities
+        # The same fit with τ = 1, so the table shows what the leave-one-out temperature buys.
+        untempered = fitted["gp_ensemble"].predict(features, scores, temperature=1.0)
+        results[split]["gp_ensemble_untempered"] = untempered.probabilities
     return results, fitted["gp_ensemble"]
 
 

@@ -21,7 +21,7 @@ from kiln.gp import FeatureExtractor, FewShotClassifier
 from kiln.worlds.shapes import ShapesWorld
 
 METHODS = {"zero_shot", "linear_probe", "tip_adapter", "knn", "gp_zero_mean", "gp_ensemble"}
-METHODS |= {"gp_only_clip", "gp_only_vae", "gp_only_detector"}
+METHODS |= {"gp_only_clip", "gp_only_vae", "gp_only_detector", "gp_ensemble_untempered"}
 
 
 @pytest.fixture(autouse=True)

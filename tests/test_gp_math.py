@@ -4,10 +4,13 @@ Each property test carries a negative control: an input on which a no-op or wron
 implementation would pass the property check too, had the check been vacuous.
 """
 
+import math
+
 import gpytorch
 import pytest
 import torch
 
+from kiln.gp import ensemble
 from kiln.gp.baselines import scores
 from kiln.gp.ensemble import GPEnsemble, argmax_probabilities, fit_gp, pack_inputs
 
@@ -210,6 +213,43 @@ def test_probabilities_match_monte_carlo_and_keep_the_argmax():
     assert torch.equal(probabilities.argmax(1), mean.argmax(1))
 
 
+def test_leave_one_out_equals_refitting_without_the_point():
+    features, zero_shot, labels = _toy(n=10, seed=5)
+    x, targets = pack_inputs(features, zero_shot), _one_hot(labels)
+    gp = _gp(x, targets)
+    loo_mean, loo_std = gp.leave_one_out()
+    for i in (0, 4, 9):
+        keep = torch.arange(len(x)) != i
+        without = _gp(x[keep], targets[keep])  # same hyper-parameters, point i removed
+        with torch.no_grad():
+            mean, variance = without.posterior(x[i : i + 1])
+        torch.testing.assert_close(loo_mean[i], mean[0])
+        torch.testing.assert_close(loo_std[i], (variance[0] + gp.likelihood.noise[0]).sqrt())
+        # Negative control: the in-sample posterior, which has seen point i, differs.
+        with torch.no_grad():
+            in_sample = gp.posterior(x[i : i + 1])[0][0]
+        assert (in_sample - loo_mean[i]).abs().max() > 1e-3
+
+
+def test_temperature_sharpens_right_held_out_predictions_and_widens_wrong_ones():
+    n = 24
+    features, zero_shot, labels = _toy(n, seed=3)
+    g = torch.Generator().manual_seed(4)
+    features["a"] = _one_hot(labels) @ torch.eye(3, DIMS["a"], dtype=torch.float64)
+    features["a"] += 0.05 * torch.randn(n, DIMS["a"], generator=g, dtype=torch.float64)
+    gp = fit_gp(features, zero_shot, labels, CLASSES, iterations=60)
+    assert (gp.leave_one_out()[0].argmax(1) == labels).all()
+    floor = ensemble.LOG_TEMPERATURE_GRID[0].exp().item()
+    assert floor < gp.temperature.item() < 1.0
+    # Negative control: without the prior on log τ, all-right held-out predictions drive τ
+    # to the grid's floor (the collapse the prior is there to stop).
+    assert gp.fit_temperature(prior_width=math.inf) == pytest.approx(floor)
+    # Labels unrelated to a confident GP: τ widens the predictive instead.
+    x = pack_inputs(*_toy(n, seed=6)[:2])
+    shuffled = _one_hot(labels[torch.randperm(n, generator=g)])
+    assert _gp(x, shuffled, noise=0.01).fit_temperature() > 1.0
+
+
 @pytest.mark.parametrize("informative", ["a", "b"])
 def test_marginal_likelihood_weights_the_informative_model(informative):
     n = 24
@@ -253,3 +293,4 @@ def test_save_and_load_give_the_same_predictions(tmp_path):
     for name in ("mean", "variance", "probabilities"):
         assert torch.equal(getattr(before, name), getattr(after, name)), name
     assert again.kernel_weights == gp.kernel_weights
+    assert gp.temperature != 1.0 and again.temperature == gp.temperature
