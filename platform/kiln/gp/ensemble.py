@@ -92,8 +92,8 @@ from safetensors.torch import load_file, save_file
 NOISE_FLOOR = 1e-6
 QUADRATURE_POINTS = 32
 TEMPERATURE_PRIOR_WIDTH = 0.5  # w: std of the Gaussian prior on log τ
-LOG_TEMPERATURE_GRID = torch.linspace(-3, 3, 61)
 _DTYPE = torch.float64
+LOG_TEMPERATURE_GRID = torch.linspace(-3, 3, 61, dtype=_DTYPE)
 
 
 class Prediction(NamedTuple):
@@ -266,7 +266,7 @@ class GPEnsemble(gpytorch.models.ExactGP):
         labels = self.train_targets.argmax(0)
         rows = torch.arange(len(labels))
         objective = []
-        for log_tau in LOG_TEMPERATURE_GRID.to(_DTYPE):
+        for log_tau in LOG_TEMPERATURE_GRID:
             probabilities = argmax_probabilities(mean, log_tau.exp() * std)
             log_likelihood = probabilities[rows, labels].clamp(min=1e-300).log().sum()
             objective.append(log_likelihood - 0.5 * (log_tau / prior_width) ** 2)
@@ -321,12 +321,8 @@ def fit_gp(
     class_names: list[str],
     zero_mean: bool = False,
     iterations: int = 100,
-    temperature_prior_width: float | None = TEMPERATURE_PRIOR_WIDTH,
 ) -> GPEnsemble:
-    """Fit the GP to a few-shot set: labels [N] are indices into `class_names`.
-
-    `temperature_prior_width=None` keeps τ = 1 (no leave-one-out temperature).
-    """
+    """Fit the GP and its temperature to a few-shot set: labels [N] index `class_names`."""
     labels = torch.as_tensor(labels)
     if zero_shot.ndim != 2 or zero_shot.shape[1] != len(class_names):
         raise ValueError(
@@ -348,8 +344,7 @@ def fit_gp(
     dims = {name: block.shape[1] for name, block in features.items()}
     gp = GPEnsemble(inputs, one_hot, dims, zero_mean)
     gp.fit(iterations)
-    if temperature_prior_width is not None:
-        gp.fit_temperature(temperature_prior_width)
+    gp.fit_temperature()
     return gp.eval()
 
 
