@@ -77,7 +77,9 @@ def test_negative_control_accepting_every_draft_breaks_equality(
 
     monkeypatch.setattr(spec_decode, "verify_greedy", accept_all)
     tokens, proposed, accepted = _generate(models, prompts, proposer="draft", speculation=3)
-    assert accepted == proposed > 0
+    # Every draft is accepted, except drafts past a request's stop (they count as rejected):
+    # at most the 3 of each request's last step.
+    assert 0 < proposed - 3 * len(prompts) <= accepted <= proposed
     assert tokens != reference
 
 
@@ -95,3 +97,48 @@ def test_per_request_speculation_in_one_batch(models, prompts, reference):
     plain = LLMEngine(models[0], block_size=4, proposer="none")
     [refused] = plain.generate([prompts[0]], SamplingParams(max_tokens=4, speculation=2))
     assert refused.finish_reason == "error" and "proposer" in refused.error
+
+
+def test_drafts_past_a_stop_count_as_rejected(models, prompts, monkeypatch):
+    """With every draft accepted and a stop token inside a step's drafts, the step keeps the
+    tokens up to the stop: its generated count and accepted drafts are those it kept, so
+    SmartSpec's α and goodput never credit tokens the request drops."""
+
+    def accept_all(target_logits, draft_tokens):
+        return [*draft_tokens, int(target_logits[len(draft_tokens)].argmax())]
+
+    monkeypatch.setattr(spec_decode, "verify_greedy", accept_all)
+    target, draft = models
+    k = 3
+
+    def run(stops):
+        engine = LLMEngine(target, draft_model=draft, proposer="draft", speculation=k,
+                           block_size=4, max_num_seqs=8)  # fmt: skip
+        params = [SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True,
+                                 stop_token_ids=stop) for stop in stops]  # fmt: skip
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, p)
+        outputs, generated = {}, 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outputs[out.request_id] = out
+            generated += engine.last_step_stats.num_generated_tokens
+        return [outputs[str(i)] for i in range(len(prompts))], generated
+
+    free, generated = run([[] for _ in prompts])
+    assert generated == sum(len(o.token_ids) for o in free)
+    # Output 0 comes from the prefill step, then each step emits k drafts and one more token:
+    # stop at the first output position that is a draft's, with later drafts in its step.
+    stops = []
+    for out in free:
+        position = next(
+            p
+            for p in range(1, MAX_NEW)
+            if p % (k + 1) in (1, 2) and out.token_ids[p] not in out.token_ids[:p]
+        )
+        stops.append([out.token_ids[position]])
+    stopped, generated = run(stops)
+    for out, stop in zip(stopped, stops):
+        assert out.finish_reason == "stop" and out.token_ids[-1] == stop[0]
+        assert out.spec_stats["accepted"] < out.spec_stats["proposed"]  # the dropped drafts
+    assert generated == sum(len(o.token_ids) for o in stopped)

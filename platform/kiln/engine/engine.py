@@ -243,19 +243,22 @@ class LLMEngine:
             req, rid = s.request, s.request.request_id
             req.num_computed_tokens += s.num_new_tokens
             tokens = new_tokens.get(rid, [])
+            accepted = len(tokens) - 1  # the contract: accepted drafts + one more token
             if rid in proposals:
-                accepted = len(tokens) - 1  # the contract: accepted drafts + one more token
                 req.num_computed_tokens += accepted  # their KV was written by this forward
-                num_proposed[rid] = len(proposals[rid].token_ids)
-                num_accepted[rid] = accepted
-                req.spec_stats["proposed"] += num_proposed[rid]
-                req.spec_stats["accepted"] += accepted
-                req.spec_stats["steps"] += 1
             held = self.block_manager.num_slots[rid]
             self.block_manager.rollback(rid, held - req.num_computed_tokens)
-            num_generated += len(tokens)
+            kept = self._append(req, tokens)
+            num_generated += kept
+            if rid in proposals:
+                # Drafts past a stop condition were accepted for nothing: they count as
+                # rejected, so α and the measured goodput are of tokens the request keeps.
+                num_proposed[rid] = len(proposals[rid].token_ids)
+                num_accepted[rid] = min(accepted, kept)
+                req.spec_stats["proposed"] += num_proposed[rid]
+                req.spec_stats["accepted"] += num_accepted[rid]
+                req.spec_stats["steps"] += 1
             if tokens:
-                self._append(req, tokens)
                 outputs.append(self._output(req))
         if self.speculator is not None:
             step_time = time.perf_counter() - step_start
@@ -333,22 +336,27 @@ class LLMEngine:
 
     # ---- requests out ----
 
-    def _append(self, req: Request, tokens: list[int]) -> None:
-        """Append tokens one by one, stopping at the first stop condition."""
+    def _append(self, req: Request, tokens: list[int]) -> int:
+        """Append tokens one by one, stopping at the first stop condition; returns how many
+        were appended (the rest are dropped)."""
         params = req.params
-        for token in tokens:
+        for appended, token in enumerate(tokens, 1):
             req.token_ids.append(token)
-            if token in params.stop_token_ids or (
-                token in self.eos_token_ids and not params.ignore_eos
+            eos = token in self.eos_token_ids and not params.ignore_eos
+            if (
+                token in params.stop_token_ids
+                or eos
+                or (params.stop and self._hit_stop_string(req))
             ):
-                return self._finish(req, "stop")
-            if params.stop and self._hit_stop_string(req):
-                return self._finish(req, "stop")
-            if len(req.output_token_ids) >= params.max_tokens:
-                return self._finish(req, "length")
-            if req.num_tokens >= self.max_model_len:
-                return self._finish(req, "length")
-        return None
+                self._finish(req, "stop")
+                return appended
+            if (
+                len(req.output_token_ids) >= params.max_tokens
+                or req.num_tokens >= self.max_model_len
+            ):
+                self._finish(req, "length")
+                return appended
+        return len(tokens)
 
     def _hit_stop_string(self, req: Request) -> bool:
         text = self._detokenize(req.output_token_ids)
