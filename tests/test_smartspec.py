@@ -199,18 +199,21 @@ def _brute_force(time_model, alphas, max_k) -> float:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_per_request_greedy_equals_brute_force_under_linear_cost(seed):
+def test_per_request_greedy_equals_brute_force_when_cost_is_affine_in_total_k(seed):
     """Also with the fixed costs of speculating and a draft's per-token cost (seeds 6-11), which
     make G non-unimodal. (A per-pass cost, on max k_i, is not linear in Σk_i: there the greedy
     is a heuristic, not the optimum, so it is left out.)"""
     rng = np.random.default_rng(seed)
     alphas = list(rng.uniform(0.05, 0.95, size=int(rng.integers(1, 4))))
-    fixed = seed >= 6
+    per_token = float(rng.uniform(1e-4, 4e-3))
+    spec_overhead, draft_fixed, draft_per_token = rng.uniform(0, [4e-3, 4e-3, 1e-3])
+    if seed < 6:  # cost linear in Σk_i
+        spec_overhead = draft_fixed = draft_per_token = 0.0
     time_model = _time_model(
         constant=0.01,
-        per_token=float(rng.uniform(1e-4, 4e-3)),
-        spec_overhead=float(rng.uniform(0, 4e-3)) * fixed,
-        draft=(float(rng.uniform(0, 4e-3)) * fixed, 0.0, float(rng.uniform(0, 1e-3)) * fixed),
+        per_token=per_token,
+        spec_overhead=float(spec_overhead),
+        draft=(float(draft_fixed), 0.0, float(draft_per_token)),
     )
     controller, requests = _controller(time_model, alphas, max_k=3, no_spec_bias=1.0)
     controller.choose(requests)

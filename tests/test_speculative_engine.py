@@ -101,8 +101,9 @@ def test_per_request_speculation_in_one_batch(models, prompts, reference):
 
 def test_drafts_past_a_stop_count_as_rejected(models, prompts, monkeypatch):
     """With every draft accepted and a stop token inside a step's drafts, the step keeps the
-    tokens up to the stop: its generated count and accepted drafts are those it kept, so
-    SmartSpec's α and goodput never credit tokens the request drops."""
+    tokens up to the stop: only those count as generated and accepted, the estimator sees no
+    rejection for the cut, finished requests leave no per-request state, and every block
+    comes back."""
 
     def accept_all(target_logits, draft_tokens):
         return [*draft_tokens, int(target_logits[len(draft_tokens)].argmax())]
@@ -118,27 +119,35 @@ def test_drafts_past_a_stop_count_as_rejected(models, prompts, monkeypatch):
                                  stop_token_ids=stop) for stop in stops]  # fmt: skip
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             engine.add_request(str(i), prompt, p)
-        outputs, generated = {}, 0
+        outputs, generated, verified, accepted = {}, 0, 0, 0
         while engine.has_unfinished_requests():
             for out in engine.step():
                 outputs[out.request_id] = out
-            generated += engine.last_step_stats.num_generated_tokens
-        return [outputs[str(i)] for i in range(len(prompts))], generated
+            stats = engine.last_step_stats
+            generated += stats.num_generated_tokens
+            verified += sum(stats.num_proposed.values())
+            accepted += sum(stats.num_accepted.values())
+        engine.block_manager.check_invariants()
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        assert not engine.speculator.estimator._per_request  # nothing left of finished requests
+        return [outputs[str(i)] for i in range(len(prompts))], generated, verified, accepted
 
-    free, generated = run([[] for _ in prompts])
-    assert generated == sum(len(o.token_ids) for o in free)
+    free, generated, verified, accepted = run([[] for _ in prompts])
+    assert generated == sum(len(o.token_ids) for o in free) and verified == accepted > 0
     # Output 0 comes from the prefill step, then each step emits k drafts and one more token:
     # stop at the first output position that is a draft's, with later drafts in its step.
     stops = []
     for out in free:
         position = next(
-            p
-            for p in range(1, MAX_NEW)
-            if p % (k + 1) in (1, 2) and out.token_ids[p] not in out.token_ids[:p]
-        )
+            (p for p in range(1, MAX_NEW) if 1 <= p % (k + 1) < k
+             and out.token_ids[p] not in out.token_ids[:p]),
+            None,
+        )  # fmt: skip
+        assert position is not None, "no draft position with a first-time token to stop at"
         stops.append([out.token_ids[position]])
-    stopped, generated = run(stops)
+    stopped, generated, verified, accepted = run(stops)
     for out, stop in zip(stopped, stops):
         assert out.finish_reason == "stop" and out.token_ids[-1] == stop[0]
-        assert out.spec_stats["accepted"] < out.spec_stats["proposed"]  # the dropped drafts
+        assert out.spec_stats["accepted"] < out.spec_stats["proposed"]  # the unused drafts
     assert generated == sum(len(o.token_ids) for o in stopped)
+    assert verified == accepted  # the cut is not a rejection

@@ -238,7 +238,7 @@ class LLMEngine:
         new_tokens = self._next_tokens(plan.scheduled, logits, proposals, states)
         forward_time = time.perf_counter() - forward_start
 
-        num_proposed, num_accepted, num_generated = {}, {}, 0
+        num_proposed, num_accepted, num_generated, finished = {}, {}, 0, []
         for s in plan.scheduled:
             req, rid = s.request, s.request.request_id
             req.num_computed_tokens += s.num_new_tokens
@@ -250,12 +250,16 @@ class LLMEngine:
             self.block_manager.rollback(rid, held - req.num_computed_tokens)
             kept = self._append(req, tokens)
             num_generated += kept
+            if req.finish_reason is not None:
+                finished.append(rid)
             if rid in proposals:
-                # Drafts past a stop condition were accepted for nothing: they count as
-                # rejected, so α and the measured goodput are of tokens the request keeps.
-                num_proposed[rid] = len(proposals[rid].token_ids)
+                # A stop condition inside the accepted drafts ends the request there: the drafts
+                # after it were never needed, so the estimator sees the drafts up to the stop
+                # (no rejection: the verifier rejected none), and only kept tokens count as
+                # generated and accepted. spec_stats still counts every proposal.
+                num_proposed[rid] = min(len(proposals[rid].token_ids), kept)
                 num_accepted[rid] = min(accepted, kept)
-                req.spec_stats["proposed"] += num_proposed[rid]
+                req.spec_stats["proposed"] += len(proposals[rid].token_ids)
                 req.spec_stats["accepted"] += num_accepted[rid]
                 req.spec_stats["steps"] += 1
             if tokens:
@@ -269,6 +273,7 @@ class LLMEngine:
                 num_proposed=num_proposed,
                 num_accepted=num_accepted,
                 num_generated_tokens=num_generated,
+                finished=finished,
                 propose_time_s=forward_start - propose_start,
                 forward_time_s=forward_time,
                 step_time_s=step_time,

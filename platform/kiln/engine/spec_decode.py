@@ -374,6 +374,8 @@ class Speculator:
         """Acceptance counts, and for SmartSpec the step's times and generated tokens."""
         for rid, proposed in stats.num_proposed.items():
             self.estimator.observe(rid, proposed, stats.num_accepted.get(rid, 0))
+        for rid in stats.finished:  # free() ran before this step's counts arrived
+            self.estimator.forget(rid)
         if self.controller is not None:
             self.controller.observe_step(
                 list(stats.num_proposed.values()),

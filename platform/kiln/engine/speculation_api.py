@@ -70,12 +70,15 @@ class StepStats:
     batch_size: int  # requests in the forward pass
     num_batched_tokens: int  # query tokens in the target forward (prefill chunks + decode + drafts)
     num_context_tokens: int  # KV tokens attended over, summed over requests
-    num_proposed: dict[str, int]  # draft tokens sent to verification, per request
-    num_accepted: dict[str, int]  # of those, accepted (truncated at the first rejection)
+    # Draft tokens verified per request, and of those the accepted ones (truncated at the first
+    # rejection); both stop at a stop condition inside the drafts, whose later drafts go unused.
+    num_proposed: dict[str, int]
+    num_accepted: dict[str, int]
     num_generated_tokens: int  # tokens appended to requests this step (all requests)
     propose_time_s: float
     forward_time_s: float  # target forward + verification/sampling
     step_time_s: float  # whole step wall time
+    finished: list[str] = field(default_factory=list)  # requests that ended this step (freed)
 
 
 @dataclass(frozen=True)
