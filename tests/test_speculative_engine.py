@@ -99,7 +99,7 @@ def test_per_request_speculation_in_one_batch(models, prompts, reference):
     assert refused.finish_reason == "error" and "proposer" in refused.error
 
 
-def test_drafts_past_a_stop_count_as_rejected(models, prompts, monkeypatch):
+def test_drafts_past_a_stop_are_not_credited(models, prompts, monkeypatch):
     """With every draft accepted and a stop token inside a step's drafts, the step keeps the
     tokens up to the stop: only those count as generated and accepted, the estimator sees no
     rejection for the cut, finished requests leave no per-request state, and every block
