@@ -77,8 +77,8 @@ def test_negative_control_accepting_every_draft_breaks_equality(
 
     monkeypatch.setattr(spec_decode, "verify_greedy", accept_all)
     tokens, proposed, accepted = _generate(models, prompts, proposer="draft", speculation=3)
-    # Every draft is accepted, except drafts past a request's stop (they count as rejected):
-    # at most the 3 of each request's last step.
+    # Every draft is accepted, except drafts past a request's stop (never credited): at most
+    # the 3 of each request's last step.
     assert 0 < proposed - 3 * len(prompts) <= accepted <= proposed
     assert tokens != reference
 
