@@ -4,10 +4,11 @@
         [--repeats 3]
     python benchmarks/smartspec.py --model PATH --draft PATH --proposers ngram
 
-Target: `pretrain_lm --preset spec`, draft: `pretrain_lm --preset spec_draft` (the tiny and
-draft shapes on a copy-heavy text world; both from the kiln cache, trained there first if
-missing; or --model / --draft). Prompts are test prompts of that world (half copy, the rest
-arithmetic and key-value recall: the copy task is input-grounded, where prompt lookup shines).
+Target: `pretrain_lm --preset spec`, draft: `pretrain_lm --preset spec_draft` (the tiny shape
+at 8 layers and the draft shape, on a copy-heavy text world; both from the kiln cache, trained
+there first if missing; or --model / --draft). Prompts are test prompts of that world (half
+copy, the rest arithmetic and key-value recall: the copy task is input-grounded, where prompt
+lookup shines).
 Requests are greedy and stop at EOS or --max-tokens, so every policy produces the same tokens
 (speculation is lossless) and the same work.
 

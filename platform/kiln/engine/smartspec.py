@@ -23,7 +23,9 @@ prototype, plus a draft term; least squares with coefficients constrained ≥ 0)
     T_draft  = d_0 + d_pass·max_i k_i + d_tok·Σ_i k_i   (sequential draft passes; per-token cost)
 `profile` fits both at start-up from timed forwards on this machine; every observed step (and
 draft) time is added and the model refit every `refit_every` observations (TurboSpec's closed
-loop). Profiled samples are kept, so a narrow run of online steps cannot swing the fit.
+loop). Profiled samples are kept, but online steps soon outnumber them and can bend the
+forward's coefficients: in one benchmark the draft's per-pass cost went from 0.44 ms profiled
+to 0.08 ms after three serving runs, its constant from 0.7 to 3.3 ms (BENCHMARKS.md, SmartSpec).
 A profiled forward is bare: it has none of a real step's sampling, verification and
 per-request bookkeeping (about 0.3 ms per request per step on a 2-core CPU, BENCHMARKS.md), and
 in decode steps that per-request cost is collinear with N_batched, so a fit over both kinds of
