@@ -156,8 +156,8 @@ def plot(results: dict, rates: list[float], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="target checkpoint (default: tiny preset)")
-    parser.add_argument("--draft", type=Path, help="draft checkpoint (default: draft preset)")
+    parser.add_argument("--model", type=Path, help="target checkpoint (default: spec preset)")
+    parser.add_argument("--draft", type=Path, help="draft checkpoint (default: spec_draft preset)")
     parser.add_argument("--proposers", default="draft,ngram")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)

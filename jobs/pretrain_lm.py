@@ -77,8 +77,9 @@ class PretrainLMConfig(JobConfig):
         # Target and draft of the SmartSpec benchmark, on a copy-heavy mix (the same world, so
         # one tokenizer), where output is grounded in the prompt and both prompt lookup and a
         # draft have something to propose. The target is the tiny shape at twice the depth:
-        # on a CPU these models cost about a fixed time per layer, so the 2-layer draft costs
-        # 0.29 of a target step instead of 0.5 (of the 4-layer one), where drafting can pay.
+        # on a CPU a tiny model's step grows with depth far more than with width, so the
+        # 2-layer draft costs 0.29 of this target's step (0.46 of the 4-layer one's), where
+        # drafting can pay.
         # 12 layers did not learn to copy in 2400 steps (BENCHMARKS.md, SmartSpec).
         "spec": {
             "model": {"num_layers": 8},

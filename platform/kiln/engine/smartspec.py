@@ -31,8 +31,9 @@ per-request bookkeeping (about 0.3 ms per request per step on a 2-core CPU, BENC
 in decode steps that per-request cost is collinear with N_batched, so a fit over both kinds of
 sample would put it into neither and under-predict a large batch's plain step, the step
 speculation is compared with. The engine terms e_0, e_bs are therefore features only observed
-steps carry (0 in profiled samples): the profile pins the forward's coefficients, the online
-steps fit the overhead on top, and every prediction is of a real step (engine terms on).
+steps carry (0 in profiled samples): they take the overhead the profile cannot see (though,
+as above, online samples still weigh on the forward's coefficients), and every prediction is
+of a real step (engine terms on).
 
 Acceptance rate. The engine counts accepted drafts only up to the first rejection, so the naive
 ratio accepted/drafted has expectation α(1 − α^k) / (k(1 − α)) < α. With a_s accepted of k_s
