@@ -69,13 +69,15 @@ def test_greedy_speculation_matches_hf_generate(models, prompts, reference, spec
         assert accepted < proposed  # a different model: rejections, hence KV rollbacks
 
 
+def _accept_all(target_logits, draft_tokens):
+    """A broken greedy verifier: every draft passes, plus the target's next token."""
+    return [*draft_tokens, int(target_logits[len(draft_tokens)].argmax())]
+
+
 def test_negative_control_accepting_every_draft_breaks_equality(
     models, prompts, reference, monkeypatch
 ):
-    def accept_all(target_logits, draft_tokens):
-        return [*draft_tokens, int(target_logits[len(draft_tokens)].argmax())]
-
-    monkeypatch.setattr(spec_decode, "verify_greedy", accept_all)
+    monkeypatch.setattr(spec_decode, "verify_greedy", _accept_all)
     tokens, proposed, accepted = _generate(models, prompts, proposer="draft", speculation=3)
     # Every draft is accepted, except drafts past a request's stop (never credited): at most
     # the 3 of each request's last step.
@@ -105,10 +107,7 @@ def test_drafts_past_a_stop_are_not_credited(models, prompts, monkeypatch):
     rejection for the cut, finished requests leave no per-request state, and every block
     comes back."""
 
-    def accept_all(target_logits, draft_tokens):
-        return [*draft_tokens, int(target_logits[len(draft_tokens)].argmax())]
-
-    monkeypatch.setattr(spec_decode, "verify_greedy", accept_all)
+    monkeypatch.setattr(spec_decode, "verify_greedy", _accept_all)
     target, draft = models
     k = 3
 

@@ -243,8 +243,8 @@ class LLMEngine:
             req, rid = s.request, s.request.request_id
             req.num_computed_tokens += s.num_new_tokens
             tokens = new_tokens.get(rid, [])
-            accepted = len(tokens) - 1  # the contract: accepted drafts + one more token
             if rid in proposals:
+                accepted = len(tokens) - 1  # the contract: accepted drafts + one more token
                 req.num_computed_tokens += accepted  # their KV was written by this forward
             held = self.block_manager.num_slots[rid]
             self.block_manager.rollback(rid, held - req.num_computed_tokens)
