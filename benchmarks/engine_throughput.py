@@ -1,10 +1,10 @@
 """Serving throughput: kiln's LLMEngine against Hugging Face `generate` on the same model.
 
-    python benchmarks/engine_throughput.py [--max-tokens 64] [--threads 2]   # CPU
+    python benchmarks/engine_throughput.py [--max-tokens 64] [--threads 2] [--model PATH]  # CPU
     python benchmarks/engine_throughput.py --gpu                            # CUDA, 1.1B config
 
 CPU: the `pretrain_lm --preset tiny` model (from the kiln cache; trained there first if
-missing). Prompts are text-world prompts; every request generates exactly `--max-tokens`
+missing), or --model. Prompts are text-world prompts; every request generates exactly `--max-tokens`
 tokens (EOS ignored on both sides), greedy. For 1, 8 and 32 concurrent requests it reports
 generated tokens/s of
 - kiln: all requests submitted at once to `LLMEngine.generate` (continuous batching);
@@ -73,7 +73,7 @@ def run_cpu(args) -> dict:
     # Imported here: the GPU machines run --gpu without Ray, which the jobs package needs.
     from jobs.pretrain_lm import pretrained_model
 
-    path = pretrained_model("tiny")
+    path = args.model or pretrained_model("tiny")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     pad_id = model.config.pad_token_id or 0
@@ -96,7 +96,7 @@ def run_cpu(args) -> dict:
         )
         print(json.dumps(rows[-1]), flush=True)
     engine.block_manager.check_invariants()
-    return {"model": f"pretrain_lm tiny ({path})", "threads": args.threads, "rows": rows}
+    return {"model": str(path), "threads": args.threads, "rows": rows}
 
 
 def copy_bandwidth_bytes_per_s(device) -> float:
@@ -160,11 +160,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU mode)")
+    parser.add_argument(
+        "--model", type=Path, help="CPU mode: a Llama checkpoint (default: the tiny preset)"
+    )
     parser.add_argument("--gpu", action="store_true", help="the 1.1B bf16 benchmark on CUDA")
     args = parser.parse_args()
     record = run_gpu(args) if args.gpu else run_cpu(args)
     record |= {"date": date.today().isoformat(), "machine": platform.machine(), "args": vars(args)}
-    print(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2, default=str))
 
 
 if __name__ == "__main__":
