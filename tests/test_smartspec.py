@@ -190,6 +190,39 @@ def test_no_spec_bias_flips_near_ties_to_zero():
     assert controller.choose(requests) == [0]
 
 
+def _serve(true_alpha: float, steps: int = 200, **kwargs) -> tuple[list[int], SmartSpec]:
+    """Decisions of a SmartSpec over `steps` steps of 4 requests whose drafts pass with
+    probability true_alpha, starting from the estimator's 0.7 prior; the draft costs 4 ms a
+    pass, so speculation pays at α = 0.95 and not at the prior."""
+    rng = np.random.default_rng(0)
+    time_model = _time_model(constant=0.01, per_token=1e-4, draft=(2e-3, 4e-3, 0.0))
+    controller = SmartSpec(time_model, 8, AcceptanceEstimator(), **kwargs)
+    requests = [SpecCandidate(i, 100, 8) for i in range(4)]
+    drafted_per_step = []
+    for _ in range(steps):
+        ks = controller.choose(requests)
+        for request, k in zip(requests, ks):
+            if k:
+                accepted = int(_truncated_geometric(rng, true_alpha, k, 1)[0])
+                controller.estimator.observe(request.request_id, k, accepted)
+        drafted_per_step.append(sum(ks))
+    return drafted_per_step, controller
+
+
+def test_exploration_corrects_a_prior_under_which_speculation_never_pays():
+    # Negative control: without exploration k = 0 is absorbing and α stays at the prior.
+    drafted, controller = _serve(0.95, explore_every=None)
+    assert sum(drafted) == 0 and controller.estimator.alpha() == pytest.approx(0.7)
+    drafted, controller = _serve(0.95, explore_every=32)
+    first = next(step for step, n in enumerate(drafted) if n)
+    assert first == 32 and controller.metrics()["spec_explored"] == 0.0
+    assert all(drafted[first:]) and controller.estimator.alpha() > 0.9
+    # Where speculation really does not pay, exploring costs one step in explore_every + 1.
+    drafted, controller = _serve(0.05, explore_every=32)
+    assert 0 < sum(n > 0 for n in drafted) <= 200 // 33
+    assert controller.estimator.alpha() < 0.5  # measured, far below the 0.7 prior
+
+
 def _brute_force(time_model, alphas, max_k) -> float:
     best = 0.0
     for ks in itertools.product(range(max_k + 1), repeat=len(alphas)):

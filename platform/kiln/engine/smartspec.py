@@ -57,6 +57,14 @@ then SmartSpec decides how much to verify), or the tokens the request may still 
 G(0) is multiplied by `no_spec_bias` (1.1, V0's bias toward not speculating, covering
 unmodelled overhead and noise): k = 0 unless speculating is predicted to pay by that margin.
 
+Exploration. k = 0 is absorbing: a step that does not speculate observes no acceptance, so a
+prior (or a stale estimate) under which speculation does not pay is never corrected. After
+`explore_every` (32) consecutive k = 0 decisions the next one takes the best speculating
+choice instead (the best prefix with Σk_i ≥ 1), which measures α and the speculating step
+time; when speculation truly does not pay this costs at most one step in `explore_every`.
+None disables it (the published prototypes). Seen in one benchmark run: with the 0.7 prior,
+the draft controller never drafted, while every fixed k beat plain decoding (BENCHMARKS.md).
+
 Deviations and reconstructions:
   - The published scan stops at the first k whose G does not improve (assumes G unimodal). We
     score every prefix (≤ B·K_max, O(1) each: the step time is linear in Σk_i and max k_i) and
@@ -329,15 +337,22 @@ class SmartSpec:
         per_request: bool = True,
         no_spec_bias: float = 1.1,
         drafting_cost: bool = True,
+        explore_every: int | None = 32,
     ):
         """drafting_cost: True for a draft model (its passes are part of the step cost); False
-        for n-gram lookup, whose proposals exist before the decision and cost nothing further."""
+        for n-gram lookup, whose proposals exist before the decision and cost nothing further.
+        explore_every: speculate (the best speculating choice) after this many consecutive
+        k = 0 decisions, so that α keeps being measured (module docstring); None = never."""
+        if explore_every is not None and explore_every < 1:
+            raise ValueError(f"explore_every must be None or >= 1, got {explore_every}")
         self.time_model = time_model
         self.max_k = max_k
         self.estimator = estimator or AcceptanceEstimator()
         self.per_request = per_request
         self.no_spec_bias = no_spec_bias
         self.drafting_cost = drafting_cost
+        self.explore_every = explore_every
+        self._plain_decisions = 0  # consecutive k = 0 decisions, for exploration
         self._metrics: dict[str, float] = {}
         self._measured_goodput: float | None = None
 
@@ -352,6 +367,7 @@ class SmartSpec:
         )
         no_spec_goodput = len(requests) / no_spec_seconds
         best = (self.no_spec_bias * no_spec_goodput, 0, float(len(requests)), no_spec_seconds)
+        best_speculating = (0.0, 0, 0.0, 0.0)
         # Items (gain, position j, request i). Per request: best gain first; uniform: a whole
         # level j across the batch at a time, scored only once the level is complete. Every
         # prefix of this order is a candidate choice; a request's positions enter in order j =
@@ -371,8 +387,19 @@ class SmartSpec:
                 if not self.per_request and position < len(items) and items[position][1] == level:
                     continue  # only complete levels
                 seconds = step_seconds(position, max_k)
-                if expected / seconds > best[0]:  # strict: the first of equal maxima, fewest
-                    best = (expected / seconds, position, expected, seconds)
+                if expected / seconds > best_speculating[0]:  # strict: the first, fewest
+                    best_speculating = (expected / seconds, position, expected, seconds)
+            if best_speculating[0] > best[0]:
+                best = best_speculating
+        explore = (
+            best[1] == 0
+            and best_speculating[1] > 0
+            and self.explore_every is not None
+            and self._plain_decisions >= self.explore_every
+        )
+        if explore:
+            best = best_speculating
+        self._plain_decisions = self._plain_decisions + 1 if best[1] == 0 else 0
         _, num_items, expected, seconds = best
         chosen = [0] * len(requests)
         for _, _, request in items[:num_items]:
@@ -384,6 +411,7 @@ class SmartSpec:
             "spec_goodput_predicted": expected / seconds,
             "spec_goodput_no_spec": no_spec_goodput,
             "spec_step_seconds_predicted": seconds,
+            "spec_explored": float(explore),
         }
         return chosen
 
