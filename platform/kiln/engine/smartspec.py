@@ -61,7 +61,7 @@ Exploration. k = 0 is absorbing: a step that does not speculate observes no acce
 prior (or a stale estimate) under which speculation does not pay is never corrected. After
 `explore_every` (32) consecutive k = 0 decisions the next one takes the best speculating
 choice instead (the best prefix with Σk_i ≥ 1), which measures α and the speculating step
-time; when speculation truly does not pay this costs at most one step in `explore_every`.
+time; when speculation truly does not pay this costs at most one step in `explore_every` + 1.
 None disables it (the published prototypes). Seen in one benchmark run: with the 0.7 prior,
 the draft controller never drafted, while every fixed k beat plain decoding (BENCHMARKS.md).
 
