@@ -231,6 +231,29 @@ def test_smartspec_speculator_calibrates_on_a_model_runner():
     assert 0 <= k["a"] <= 2 and "spec_goodput_predicted" in speculator.metrics()
 
 
+@torch.inference_mode()
+def test_a_draft_call_that_catches_up_is_not_a_sample_of_the_draft_time_model():
+    # A prompt (or the steps since a request last drafted) caught up in the draft's forward is
+    # not the cost of a k-step; learning it kept SmartSpec at k = 0 (BENCHMARKS.md, SmartSpec).
+    speculator = Speculator(DraftModelProposer(_tiny_llama().float()), fixed_k=None, max_k=4)
+    speculator.calibrate(ModelRunner(_tiny_llama().float(), 32, 16), max_num_seqs=2)
+    draft_model = speculator.controller.time_model.draft
+    context = [3, 17, 5, 9, 41, 8, 8, 2]
+
+    def drafting_step(context: list[int]) -> list[int]:
+        drafts = speculator.propose([_state("a", context)], {"a": 2})["a"].token_ids
+        speculator.observe(StepStats(1, 3, len(context), {"a": 2}, {"a": 1}, 2, 5.0, 0.01, 5.01))
+        return context + drafts[:1] + [7]  # one draft accepted, then a different token
+
+    samples = len(draft_model)
+    context = drafting_step(context)  # the prompt is caught up: no sample
+    assert speculator.proposer.lagging_tokens == len(context) - 2 - 2
+    assert len(draft_model) == samples
+    drafting_step(context)  # in step: one new token fed, a sample
+    assert speculator.proposer.lagging_tokens == 0
+    assert len(draft_model) == samples + 1
+
+
 @pytest.fixture(scope="module")
 def engine_models(tmp_path_factory):
     torch.set_num_threads(1)

@@ -167,6 +167,7 @@ class DraftModelProposer:
         self.runner = ModelRunner(model, num_blocks, block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
         self._cached: dict[str, list[int]] = {}  # request id -> tokens whose KV the draft holds
+        self.lagging_tokens = 0  # of the last propose call (see there)
 
     @property
     def vocab_size(self) -> int:
@@ -181,6 +182,10 @@ class DraftModelProposer:
                 batch.append(self._catch_up(request, n))
                 ks.append(n)
                 active.append(request)
+        # Tokens beyond the one or two a request that drafted last step feeds (its recovered or
+        # bonus token, plus the last draft when all passed): a prompt, or the steps since it last
+        # drafted. Their cost is not a k-step's, so SmartSpec's time model must not learn it.
+        self.lagging_tokens = sum(max(0, len(b.token_ids) - 2) for b in batch)
         if not batch:
             return {}
         drafts: list[list[int]] = [[] for _ in active]
@@ -377,6 +382,10 @@ class Speculator:
         for rid in stats.finished:  # free() ran before this step's counts arrived
             self.estimator.forget(rid)
         if self.controller is not None:
+            # A draft call that caught up a prompt or a run of plain steps (after an exploration)
+            # would teach the time model that drafting is dear and so keep SmartSpec at k = 0;
+            # 0 seconds = no draft sample (BENCHMARKS.md, SmartSpec, 2026-12-03).
+            lagging = isinstance(self.proposer, DraftModelProposer) and self.proposer.lagging_tokens
             self.controller.observe_step(
                 list(stats.num_proposed.values()),
                 stats.num_batched_tokens,
@@ -384,7 +393,7 @@ class Speculator:
                 stats.batch_size,
                 generated_tokens=stats.num_generated_tokens,
                 target_seconds=stats.step_time_s - stats.propose_time_s,
-                draft_seconds=stats.propose_time_s,
+                draft_seconds=0.0 if lagging else stats.propose_time_s,
             )
 
     def free(self, request_id: str) -> None:
