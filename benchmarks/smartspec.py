@@ -83,8 +83,8 @@ def serve(engine: LLMEngine, prompts, params, arrivals: list[float]) -> dict:
             time.sleep(max(0.0, arrivals[order[submitted]] - now))
             continue
         outputs = engine.step()
-        if controller is not None and controller.metrics():
-            decision = controller.metrics()
+        decision = controller.metrics() if controller is not None else {}
+        if decision:
             decisions += 1
             speculating += decision["spec_k_max"] > 0
             explored += int(decision["spec_explored"])

@@ -385,7 +385,7 @@ class Speculator:
             # A draft call that caught up a prompt or a run of plain steps (after an exploration)
             # would teach the time model that drafting is dear and so keep SmartSpec at k = 0;
             # 0 seconds = no draft sample (BENCHMARKS.md, SmartSpec, 2026-12-03).
-            lagging = isinstance(self.proposer, DraftModelProposer) and self.proposer.lagging_tokens
+            lagging = not self.proposes_first and self.proposer.lagging_tokens
             self.controller.observe_step(
                 list(stats.num_proposed.values()),
                 stats.num_batched_tokens,
