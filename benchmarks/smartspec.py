@@ -13,13 +13,14 @@ Requests are greedy and stop at EOS or --max-tokens, so every policy produces th
 (speculation is lossless) and the same work.
 
 Load: first the saturated capacity C (requests/s with all requests submitted at once and no
-speculation); then, per load factor f, arrivals are a seeded Poisson process of rate f·C.
-Policies per proposer (draft model, n-gram): no speculation, fixed k in {1, 2, 4, 8}, SmartSpec.
-Latency = finish time - arrival time. SmartSpec cells also record the share of steps on which it
-speculated, its explorations (`explore_every`) and its final global α. Each (rate, policy) cell
-is measured `--repeats` times, interleaved: repeat r replays the arrivals of seed + r for every
-policy in an order rotated by r, so drift in the machine's speed hits every policy alike; a cell
-reports the median over repeats of the mean and of the p99 latency. Writes results.json,
+speculation, the median of three runs); then, per load factor f, arrivals are a seeded Poisson
+process of rate f·C. Policies per proposer (draft model, n-gram): no speculation, fixed k in
+{1, 2, 4, 8}, SmartSpec. Latency = finish time - arrival time. SmartSpec cells also record the
+share of steps on which it speculated, its explorations (`explore_every`), its final global α
+and its fitted step-time model. Each (rate, policy) cell is measured `--repeats` times,
+interleaved: repeat r replays the arrivals of seed + r for every policy in an order rotated by
+r, so drift in the machine's speed hits every policy alike; a cell reports the median over
+repeats of the mean and of the p99 latency. Writes results.json,
 results.md (the table) and latency_vs_rate.png to --out, and prints the table with the issue's
 two goals checked: SmartSpec within 5% of the best fixed policy at every rate, and at most 0.7x
 the no-speculation latency at the lowest rate.
@@ -101,6 +102,18 @@ def serve(engine: LLMEngine, prompts, params, arrivals: list[float]) -> dict:
         "speculating_steps": speculating / decisions if decisions else None,
         "explored_steps": explored,
         "alpha_end": engine.speculator.estimator.alpha() if controller is not None else None,
+        # The step-time model as fitted at the end (ms per unit of each feature), to tell
+        # which cost term moves a controller that speculates too much or too little.
+        "time_model_ms": None
+        if controller is None
+        else {
+            part: dict(zip(model.feature_names, (round(c * 1e3, 4) for c in model.coefficients)))
+            for part, model in (
+                ("target", controller.time_model.target),
+                ("draft", controller.time_model.draft),
+            )
+            if model.coefficients is not None
+        },
     }
 
 
@@ -115,6 +128,7 @@ def median_run(repeats: list[dict]) -> dict:
         "speculating_steps": [r["speculating_steps"] for r in repeats],
         "explored_steps": [r["explored_steps"] for r in repeats],
         "alpha_end": [r["alpha_end"] for r in repeats],
+        "time_model_ms": repeats[-1]["time_model_ms"],
     }
 
 
@@ -199,9 +213,12 @@ def main() -> None:
 
     baseline = make_engine(model, draft, "none", 0)
     baseline.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))
-    start = time.perf_counter()
-    baseline.generate(prompts, params)
-    capacity = len(prompts) / (time.perf_counter() - start)
+    saturated = []  # the median of three: one timing on a machine whose speed drifts sets every
+    for _ in range(3):  # load, and a load factor near 1 is sensitive to it
+        start = time.perf_counter()
+        baseline.generate(prompts, params)
+        saturated.append(time.perf_counter() - start)
+    capacity = len(prompts) / float(np.median(saturated))
     loads = [float(f) for f in args.loads.split(",")]
     rates = [f * capacity for f in loads]
 

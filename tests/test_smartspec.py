@@ -90,12 +90,12 @@ def test_profile_fits_the_machine_it_times(monkeypatch):
     def target_fn(num_seqs, tokens_per_seq, context_len):  # a fake forward advancing the clock
         clock[0] += 1e-3 + 2e-5 * num_seqs * tokens_per_seq + 1e-7 * num_seqs * context_len
 
-    def draft_fn(num_seqs, k, context_len):
-        clock[0] += 5e-4 + 1e-3 * k + 2e-4 * num_seqs * k
+    def draft_fn(num_seqs, k, context_len, catch_up):
+        clock[0] += 5e-4 + 1e-3 * k + 2e-4 * num_seqs * k + 3e-6 * num_seqs * catch_up
 
     model = smartspec.profile(target_fn, draft_fn, max_seqs=8, max_k=4)
     assert model.target.coefficients == pytest.approx([1e-3, 2e-5, 1e-7, 0, 0, 0, 0], abs=1e-9)
-    assert model.draft.coefficients == pytest.approx([5e-4, 1e-3, 2e-4], rel=1e-6)
+    assert model.draft.coefficients == pytest.approx([5e-4, 1e-3, 2e-4, 3e-6], rel=1e-6)
     # k = 0 costs no drafting; k = 2 for 3 requests: 9 tokens plus two draft passes.
     assert model.predict([0, 0, 0], 300) == pytest.approx(1e-3 + 2e-5 * 3 + 1e-7 * 300)
     assert model.predict([2, 2, 2], 300) == pytest.approx(
@@ -131,10 +131,50 @@ def test_online_steps_fit_the_engine_overhead_that_bare_forwards_miss(monkeypatc
     assert bare.predict([0] * 16, 50 * 16) < 0.6 * truth
 
 
-def _time_model(constant=0.01, per_token=1e-4, spec_overhead=0.0, draft=(0.0, 0.0, 0.0)):
+def _position_dependent(rng, rates: list[float], steps: int) -> np.ndarray:
+    """Accepted drafts per step when position j passes with probability rates[j]."""
+    passes = rng.random((steps, len(rates))) < np.array(rates)
+    return np.cumprod(passes, axis=1).sum(axis=1)
+
+
+def test_position_rates_recover_a_profile_that_one_alpha_cannot():
+    """Our copy task: three drafts pass, the fourth fails. Each position's rate is recovered
+    from truncated counts; the pooled α (negative control) over-rates position 4 sevenfold."""
+    rng = np.random.default_rng(3)
+    truth = [0.95, 0.9, 0.95, 0.1, 0.9, 0.9]
+    estimator = AcceptanceEstimator()
+    for accepted in _position_dependent(rng, truth, 5000):
+        estimator.observe("copy", len(truth), int(accepted))
+    assert estimator.position_alphas("copy", 6) == pytest.approx(truth, abs=0.03)
+    assert estimator.position_alphas("new", 4) == pytest.approx(truth[:4], abs=0.03)
+    assert estimator.alpha("copy") > 7 * truth[3]
+    # Constant acceptance: every position gives the pooled α.
+    constant = AcceptanceEstimator()
+    for accepted in _truncated_geometric(rng, 0.6, 4, 20_000):
+        constant.observe("r", 4, int(accepted))
+    assert constant.position_alphas("r", 4) == pytest.approx([0.6] * 4, abs=0.02)
+
+
+def test_a_request_keeps_its_own_level_under_the_global_position_profile():
+    """A request seen only at position 1, where it passes 30%: its later positions follow its
+    level, not the others' 0.8 (negative control: a new request gets the global profile)."""
+    rng = np.random.default_rng(4)
+    estimator = AcceptanceEstimator()
+    for accepted in _truncated_geometric(rng, 0.8, 4, 3000):
+        estimator.observe("others", 4, int(accepted))
+    for step in range(30):
+        estimator.observe("hard", 1, int(step % 10 < 3))
+    hard = estimator.position_alphas("hard", 4)
+    assert hard == pytest.approx([estimator.alpha("hard")] * 4, abs=0.02) and max(hard) < 0.45
+    assert estimator.position_alphas("new", 4) == pytest.approx([0.8] * 4, abs=0.03)
+
+
+def _time_model(
+    constant=0.01, per_token=1e-4, spec_overhead=0.0, draft=(0.0, 0.0, 0.0), catch_up=0.0
+):
     model = StepTimeModel()
     model.target.coefficients = [constant, per_token, 0.0, 0.0, spec_overhead, 0.0, 0.0]
-    model.draft.coefficients = list(draft)
+    model.draft.coefficients = [*draft, catch_up]
     return model
 
 
@@ -261,6 +301,22 @@ def test_per_request_choice_follows_each_requests_acceptance():
     assert high > mid > low == 0
 
 
+def test_smartspec_stops_before_the_position_that_usually_fails():
+    """With positions 1-3 passing and 4 failing, SmartSpec verifies 3; under one pooled α
+    (negative control: the paper's model) the same time model's best k is longer."""
+    rng = np.random.default_rng(5)
+    time_model = _time_model(constant=0.01, per_token=1e-4, draft=(0.0, 1e-3, 0.0))
+    controller = SmartSpec(time_model, max_k=8)
+    for accepted in _position_dependent(rng, [0.95, 0.95, 0.95, 0.1, 0.95, 0.95, 0.95, 0.95], 200):
+        controller.estimator.observe("r", 8, int(accepted))
+    assert controller.choose([SpecCandidate("r", 100, 8)]) == [3]
+    alpha = controller.estimator.alpha("r")
+    pooled = max(
+        range(9), key=lambda k: expected_generated(alpha, k) / time_model.predict([k], 100)
+    )
+    assert pooled > 3
+
+
 def test_equal_acceptance_gives_the_uniform_scan_and_fixed_costs_do_not_stop_it_early():
     # A large fixed cost of speculating: k = 1 loses to k = 0, yet a longer k wins (G is not
     # unimodal, so a scan that stops at the first non-improving k would wrongly return 0).
@@ -281,18 +337,40 @@ def test_caps_limit_proposals_and_requests_without_proposals_count_one_token():
 
 @pytest.mark.parametrize("per_request", [True, False])
 def test_a_choices_predicted_time_is_the_time_models_with_every_term(per_request):
-    """choose() folds the step time into (Σk, max k) per prefix: it must equal predict() on the
-    chosen lengths, the draft's per-pass term (max k) and every target feature included."""
+    """choose() folds the step time into (Σk, max k, Σ catch-up) per prefix: it must equal
+    predict() on the chosen lengths, the draft's per-pass term (max k), the catch-up of the
+    requests that draft, and every target feature included."""
     time_model = _time_model(constant=0.01, per_token=1e-4, spec_overhead=5e-4,
-                             draft=(1e-3, 4e-4, 1e-5))  # fmt: skip
+                             draft=(1e-3, 4e-4, 1e-5), catch_up=2e-6)  # fmt: skip
     time_model.target.coefficients[2:4] = [2e-6, 1e-4]  # context tokens, sequences
     time_model.target.coefficients[5:] = [3e-4, 2e-4]  # the engine's own overhead
     alphas = [0.95, 0.8, 0.6, 0.3]
     controller, requests = _controller(time_model, alphas, max_k=6, per_request=per_request)
+    requests = [SpecCandidate(r.request_id, 100, r.max_k, 10 * i) for i, r in enumerate(requests)]
     ks = controller.choose(requests, other_tokens=7)
     assert any(ks) and (len(set(ks)) > 1) == per_request
+    catch_up = sum(r.catch_up for r, k in zip(requests, ks) if k)
+    assert catch_up > 0
     seconds = controller.metrics()["spec_step_seconds_predicted"]
-    assert seconds == pytest.approx(time_model.predict(ks, 400, other_tokens=7), rel=1e-12)
-    # Negative controls: leaving out the draft's passes or the prefill tokens changes it.
-    assert seconds != pytest.approx(time_model.predict(ks, 400, 7, drafting=False), rel=1e-6)
-    assert seconds != pytest.approx(time_model.predict(ks, 400), rel=1e-6)
+    assert seconds == pytest.approx(
+        time_model.predict(ks, 400, other_tokens=7, catch_up_tokens=catch_up), rel=1e-12
+    )
+    # Negative controls: leaving out the draft's passes, the prefill tokens or the catch-up
+    # changes it.
+    assert seconds != pytest.approx(time_model.predict(ks, 400, 7, False, catch_up), rel=1e-6)
+    assert seconds != pytest.approx(time_model.predict(ks, 400, catch_up_tokens=catch_up), rel=1e-6)
+    assert seconds != pytest.approx(time_model.predict(ks, 400, other_tokens=7), rel=1e-6)
+
+
+def test_a_request_the_draft_must_catch_up_speculates_only_when_that_pays():
+    """Two requests alike but for the draft's catch-up: the one in step drafts; the lagging one
+    (a long prompt the draft has not seen) does not, when catching it up costs more than its
+    drafts would save. Negative control: with a free catch-up, both draft."""
+    time_model = _time_model(constant=0.01, per_token=1e-4, draft=(0.0, 1e-3, 0.0), catch_up=1e-4)
+    controller, (in_step, lagging) = _controller(time_model, [0.8, 0.8], max_k=4)
+    lagging = SpecCandidate(lagging.request_id, lagging.context_len, lagging.max_k, catch_up=500)
+    k_in_step, k_lagging = controller.choose([in_step, lagging])
+    assert k_in_step > 0 and k_lagging == 0
+    free = _time_model(constant=0.01, per_token=1e-4, draft=(0.0, 1e-3, 0.0), catch_up=0.0)
+    controller, _ = _controller(free, [0.8, 0.8], max_k=4)
+    assert all(controller.choose([in_step, lagging]))

@@ -152,9 +152,12 @@ def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).double().eval()
 
 
-def _state(rid: str, tokens: list[int], temperature: float = 0.0, k: int = 8) -> SpecRequestState:
+def _state(
+    rid: str, tokens: list[int], temperature: float = 0.0, k: int = 8, stop=frozenset()
+) -> SpecRequestState:
     params = SamplingParams(max_tokens=32, temperature=temperature)
-    return SpecRequestState(rid, tokens, len(tokens), params, torch.Generator().manual_seed(7), k)
+    generator = torch.Generator().manual_seed(7)
+    return SpecRequestState(rid, tokens, len(tokens), params, generator, k, frozenset(stop))
 
 
 @torch.inference_mode()
@@ -181,6 +184,23 @@ def test_draft_equal_to_target_is_always_accepted_and_rolls_its_cache_back():
     assert "a" not in proposer._cached
     proposer.block_manager.check_invariants()
     assert proposer.block_manager.num_free_blocks == proposer.block_manager.num_blocks
+
+
+@torch.inference_mode()
+def test_proposals_end_at_a_stop_token():
+    """Drafts after a stop token can never be kept: both proposers end the proposal there
+    (negative control: the same calls without the stop token propose past it)."""
+    ngram = NgramProposer()
+    tokens = [4, 5, 6, 7, 8, 4, 5]
+    assert ngram.propose([_state("a", tokens)], {"a": 4})["a"].token_ids == [6, 7, 8, 4]
+    assert ngram.propose([_state("a", tokens, stop={7})], {"a": 4})["a"].token_ids == [6, 7]
+    model = _tiny_llama()
+    context = [3, 17, 5, 9, 41]
+    free = DraftModelProposer(model).propose([_state("a", context)], {"a": 4})["a"].token_ids
+    stop = free[1]
+    assert stop not in free[:1], "pick a context whose second draft is new"
+    stopped = DraftModelProposer(model).propose([_state("a", context, stop={stop})], {"a": 4})
+    assert stopped["a"].token_ids == free[:2]
 
 
 @torch.inference_mode()
@@ -217,7 +237,8 @@ def test_speculator_with_ngram_and_fixed_k_wires_propose_verify_observe():
     logits[0, 6] = logits[1, 0] = logits[2, 1] = 5.0  # target agrees with 6, then says 0
     out = speculator.verify(states, proposals, {"a": logits, "b": logits[:1]})
     assert out == {"a": [6, 0], "b": [6]}
-    speculator.observe(StepStats(2, 4, 9, {"a": 2, "b": 0}, {"a": 1, "b": 0}, 3, 0.0, 0.01, 0.01))
+    stats = StepStats(2, 4, 9, {"a": 2, "b": 0}, {"a": 1, "b": 0}, {"a": 2}, 3, 0.0, 0.01, 0.01)
+    speculator.observe(stats)
     assert speculator.estimator.alpha("a") < speculator.estimator.alpha() < 0.7
 
 
@@ -232,26 +253,37 @@ def test_smartspec_speculator_calibrates_on_a_model_runner():
 
 
 @torch.inference_mode()
-def test_a_draft_call_that_catches_up_is_not_a_sample_of_the_draft_time_model():
-    # A prompt (or the steps since a request last drafted) caught up in the draft's forward is
-    # not the cost of a k-step; learning it kept SmartSpec at k = 0 (BENCHMARKS.md, SmartSpec).
+def test_draft_time_samples_carry_the_catch_up_and_every_draft_that_ran():
+    # The draft only runs for requests that speculate, so a call first feeds the request's
+    # prompt or the steps since it last drafted: a feature of its own in the time model (read
+    # as k passes, it kept SmartSpec at k = 0; BENCHMARKS.md, SmartSpec), predicted before the
+    # call exactly as the call then feeds it.
     speculator = Speculator(DraftModelProposer(_tiny_llama().float()), fixed_k=None, max_k=4)
     speculator.calibrate(ModelRunner(_tiny_llama().float(), 32, 16), max_num_seqs=2)
     draft_model = speculator.controller.time_model.draft
+    proposer = speculator.proposer
+
+    def drafting_step(context: list[int], k: int, drafted: int, accepted: int) -> list[int]:
+        predicted = proposer.catch_up_tokens(_state("a", context))
+        drafts = speculator.propose([_state("a", context)], {"a": k})["a"].token_ids
+        assert proposer.catch_up_fed == predicted
+        proposed = min(k, accepted + 1)  # the estimator's count stops at the first rejection
+        stats = StepStats(1, k + 1, len(context), {"a": proposed}, {"a": accepted},
+                          {"a": drafted}, accepted + 1, 5.0, 0.01, 5.01)  # fmt: skip
+        speculator.observe(stats)
+        return context + drafts[:accepted] + [7]  # then a token the draft did not propose
+
     context = [3, 17, 5, 9, 41, 8, 8, 2]
-
-    def drafting_step(context: list[int]) -> list[int]:
-        drafts = speculator.propose([_state("a", context)], {"a": 2})["a"].token_ids
-        speculator.observe(StepStats(1, 3, len(context), {"a": 2}, {"a": 1}, 2, 5.0, 0.01, 5.01))
-        return context + drafts[:1] + [7]  # one draft accepted, then a different token
-
-    samples = len(draft_model)
-    context = drafting_step(context)  # the prompt is caught up: no sample
-    assert speculator.proposer.lagging_tokens == len(context) - 2 - 2
-    assert len(draft_model) == samples
-    drafting_step(context)  # in step: one new token fed, a sample
-    assert speculator.proposer.lagging_tokens == 0
-    assert len(draft_model) == samples + 1
+    context = drafting_step(context, k=2, drafted=2, accepted=1)  # the prompt
+    assert draft_model._observed[-1][0] == [1, 2, 2, 7]
+    context = drafting_step(context, k=2, drafted=2, accepted=1)  # in step: one token fed
+    assert draft_model._observed[-1][0] == [1, 2, 2, 0]
+    # All four drafts ran, though the estimator counts one (the first was rejected).
+    context = drafting_step(context, k=4, drafted=4, accepted=0)
+    assert draft_model._observed[-1][0] == [1, 4, 4, 0]
+    # Three plain steps later the draft must catch up their three tokens.
+    drafting_step([*context, 5, 6, 9], k=1, drafted=1, accepted=0)
+    assert draft_model._observed[-1][0] == [1, 1, 1, 3]
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +318,7 @@ def test_smartspec_choosing_zero_runs_no_draft_forward(engine_models, monkeypatc
     target, draft = engine_models
     engine = LLMEngine(target, draft_model=draft, proposer="draft", block_size=4, max_num_seqs=4)
     time_model = engine.speculator.controller.time_model
-    time_model.draft.coefficients = [1.0, 1.0, 1.0]  # a second per draft: never pays
+    time_model.draft.coefficients = [1.0, 1.0, 1.0, 0.0]  # a second per draft: never pays
     time_model.refit_every = 10**9
     proposer = engine.speculator.proposer
 

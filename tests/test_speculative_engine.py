@@ -3,6 +3,7 @@
 disagrees with the target (so rejections and KV rollback happen), and every block is returned.
 Negative control: a verifier that accepts every draft token breaks the equality."""
 
+import dataclasses
 import random
 
 import pytest
@@ -85,6 +86,30 @@ def test_negative_control_accepting_every_draft_breaks_equality(
     assert tokens != reference
 
 
+def test_step_stats_report_every_draft_run_apart_from_the_estimators_counts(
+    models, prompts, monkeypatch
+):
+    """A step's cost is every draft it ran and verified (num_drafted, SmartSpec's time model);
+    the estimator's counts stop at the first rejection. Reporting only those made the draft's
+    time model read an 8-pass draft call as a 1-pass one (BENCHMARKS.md, SmartSpec)."""
+    monkeypatch.setattr(
+        spec_decode, "verify_greedy", lambda logits, drafts: [int(logits[0].argmax())]
+    )
+    engine = LLMEngine(models[0], draft_model=models[1], proposer="draft", speculation=3,
+                       max_num_seqs=8)  # fmt: skip
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    drafted = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        stats = engine.last_step_stats
+        assert set(stats.num_proposed) == set(stats.num_drafted)
+        assert all(n == 1 for n in stats.num_proposed.values())  # the first draft is rejected
+        assert not any(stats.num_accepted.values())
+        drafted += stats.num_drafted.values()
+    assert max(drafted) == 3 and min(drafted) >= 1  # a request's last steps may draft fewer
+
+
 def test_per_request_speculation_in_one_batch(models, prompts, reference):
     """Off, fixed k=2 and SmartSpec side by side on one SmartSpec engine: each request keeps
     its own setting (off proposes nothing, k=2 never more than 2 per step), all lossless."""
@@ -108,6 +133,14 @@ def test_drafts_past_a_stop_are_not_credited(models, prompts, monkeypatch):
     comes back."""
 
     monkeypatch.setattr(spec_decode, "verify_greedy", _accept_all)
+    # Proposers end a proposal at a stop token they are told of; one a proposer cannot see (a
+    # stop string) still lands inside the drafts. Hide the stop tokens from the proposer.
+    spec_state = LLMEngine._spec_state
+    monkeypatch.setattr(
+        LLMEngine,
+        "_spec_state",
+        lambda self, req: dataclasses.replace(spec_state(self, req), stop_token_ids=frozenset()),
+    )
     target, draft = models
     k = 3
 
@@ -150,3 +183,14 @@ def test_drafts_past_a_stop_are_not_credited(models, prompts, monkeypatch):
         assert out.spec_stats["accepted"] < out.spec_stats["proposed"]  # the unused drafts
     assert generated == sum(len(o.token_ids) for o in stopped)
     assert verified == accepted  # the cut is not a rejection
+
+
+def test_proposers_are_told_the_requests_stop_tokens(models, prompts):
+    engine = LLMEngine(models[0], draft_model=models[1], proposer="draft", speculation=2)
+    eos = engine.eos_token_ids
+    assert eos, "the test model needs an EOS token"
+    engine.add_request("a", prompts[0], SamplingParams(max_tokens=4, stop_token_ids=[5]))
+    engine.add_request("b", prompts[1], SamplingParams(max_tokens=4, ignore_eos=True))
+    states = {rid: engine._spec_state(r) for rid, r in engine.requests.items()}
+    assert states["a"].stop_token_ids == {5, *eos}
+    assert states["b"].stop_token_ids == frozenset()

@@ -272,6 +272,7 @@ class LLMEngine:
                 num_context_tokens=sum(b.start_pos + len(b.token_ids) for b in batch),
                 num_proposed=num_proposed,
                 num_accepted=num_accepted,
+                num_drafted={rid: len(p.token_ids) for rid, p in proposals.items()},
                 num_generated_tokens=num_generated,
                 finished=finished,
                 propose_time_s=forward_start - propose_start,
@@ -292,6 +293,9 @@ class LLMEngine:
             params=req.params,
             generator=req.generator,
             max_new_proposals=max(0, left - 1),
+            stop_token_ids=frozenset(req.params.stop_token_ids).union(
+                () if req.params.ignore_eos else self.eos_token_ids
+            ),
         )
 
     def _propose(self, scheduled: list[ScheduledRequest]):

@@ -9,6 +9,11 @@ were, so with k proposals P(j accepted) = α^j (1 − α) for j < k and α^k for
     E[gen(k, α)] = 1 + α + … + α^k = (1 − α^(k+1)) / (1 − α)          (k + 1 when α = 1)
 
 generated tokens (accepted proposals plus the bonus or recovered token). Proposal j adds α^j.
+We let the rate depend on the position j in the step, α_j (the paper's α is one number): then
+proposal j adds α_1·…·α_j, and the constant-α model is the case α_j = α. Why: on our copy
+task the draft passes three tokens and then fails the fourth in most steps (P(accept 4 |
+reached 4) = 0.09 against 0.78-0.99 for positions 1-3, BENCHMARKS.md, SmartSpec, 2026-12-03),
+and one α, about 0.8 there, over-rates every position past 3, so SmartSpec drafted past it.
 
 Goodput of one step over B requests with proposal lengths k_1..k_B:
 
@@ -20,12 +25,19 @@ prototype, plus a draft term; least squares with coefficients constrained ≥ 0)
     T_target = c_0 + c_tok·N_batched + c_kv·N_context + c_bs·B + c_spec·[any k_i > 0]
                + e_0 + e_bs·B                               (engine overhead, online only)
     N_batched = Σ_i (k_i + 1) + other scheduled tokens (prefill chunks)
-    T_draft  = d_0 + d_pass·max_i k_i + d_tok·Σ_i k_i   (sequential draft passes; per-token cost)
+    T_draft  = d_0 + d_pass·max_i k_i + d_tok·Σ_i k_i + d_up·Σ_{i: k_i > 0} u_i
+    (sequential draft passes; per-token cost; catch-up: u_i = the tokens the draft must feed
+    request i beyond one before its first draft, i.e. its prompt, or the tokens of the steps
+    since it last drafted, since the draft only runs for requests that speculate)
 `profile` fits both at start-up from timed forwards on this machine; every observed step (and
 draft) time is added and the model refit every `refit_every` observations (TurboSpec's closed
 loop). Profiled samples are kept, but online steps soon outnumber them and can bend the
 forward's coefficients: in one benchmark the draft's per-pass cost went from 0.44 ms profiled
 to 0.08 ms after three serving runs, its constant from 0.7 to 3.3 ms (BENCHMARKS.md, SmartSpec).
+The catch-up term is the draft's prefill: without it, a call that catches up a prompt or the
+33 tokens after an exploration was read as the cost of k draft passes, which taught the model
+that drafting is dear, and the choice ignored that speculating for a lagging request costs more
+than for one in step (BENCHMARKS.md, SmartSpec, 2026-12-03).
 A profiled forward is bare: it has none of a real step's sampling, verification and
 per-request bookkeeping (about 0.3 ms per request per step on a 2-core CPU, BENCHMARKS.md), and
 in decode steps that per-request cost is collinear with N_batched, so a fit over both kinds of
@@ -47,12 +59,27 @@ which tends to α̂: globally with α_0 = `prior` (0.7, the V0 prototype's start
 with α_0 = the global estimate, so a new request starts at the global rate. Counts decay by
 `decay` per observation to follow drift (1.0 = exact MLE).
 
+The prior strength m is 8 (reconstructed; V0/V1 have no per-request rate): requests here live
+for 5-30 tokens, and under m = 2 one early rejection moved a request from 0.71 to 0.47, where
+speculating no longer paid, so it never drafted (and was never measured) again.
+
+Per position (the brief's ratio of consecutive per-position counts): a step reaches position j
+when its first j − 1 proposals passed and it proposed ≥ j; with N_j steps reaching j and A_j of
+them accepting it, the MLE is α̂_j = A_j / N_j (pooled over j it is α̂ above), shrunk toward the
+global α with strength m. Reconstructed (no published source): request i's rate at j is
+min(1, α_j · α_i / α), a main-effects model in which the global position profile carries the
+shape and the request's pooled rate its level (a request's own counts per position are too
+few to estimate: it lives a few steps); with no position counts it is α_i.
+
 Selection (per step). Candidate items are proposal positions (i, j), j = 1..cap_i, with gain
-α_i^j; cap_i is K_max, or the n-gram proposal length (the n-gram proposer proposes first, for free,
-then SmartSpec decides how much to verify), or the tokens the request may still emit minus one.
+α_i1·…·α_ij (non-increasing in j); cap_i is K_max, or the n-gram proposal length (the n-gram
+proposer proposes first, for free, then SmartSpec decides how much to verify), or the tokens the
+request may still emit minus one.
   - `per_request=True` (the brief's §7 extension, the default): add items in descending gain.
     Under a cost linear in Σk_i this is Dinkelbach's greedy and the best prefix is the optimum;
-    with all α_i equal, ties enter together and it reduces to the uniform scan.
+    with all α_i equal, ties enter together and it reduces to the uniform scan. A request's
+    catch-up u_i is paid when its first item enters (the greedy is then a heuristic, but every
+    prefix is still scored at its full cost).
   - `per_request=False` (the published prototypes): one k for the whole batch, k = 0..K_max.
 G(0) is multiplied by `no_spec_bias` (1.1, V0's bias toward not speculating, covering
 unmodelled overhead and noise): k = 0 unless speculating is predicted to pay by that margin.
@@ -84,6 +111,8 @@ Deviations and reconstructions:
 
 from __future__ import annotations
 
+import itertools
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -104,13 +133,17 @@ def _posterior_mean(accepted: float, rejections: float, prior: float, strength: 
 
 
 class AcceptanceEstimator:
-    """Per-request and global acceptance rate from counts truncated at the first rejection."""
+    """Per-request and global acceptance rate from counts truncated at the first rejection,
+    pooled over positions (`alpha`) and per position in the step (`position_alphas`)."""
 
-    def __init__(self, prior: float = 0.7, prior_strength: float = 2.0, decay: float = 1.0):
+    def __init__(self, prior: float = 0.7, prior_strength: float = 8.0, decay: float = 1.0):
         self.prior, self.prior_strength, self.decay = prior, prior_strength, decay
         self._accepted = 0.0
         self._rejections = 0.0
         self._per_request: dict[object, tuple[float, float]] = {}
+        # Global, per position j = 1..: steps that reached j, and of those the ones accepting it.
+        self._position_reached: list[float] = []
+        self._position_accepted: list[float] = []
 
     def observe(self, request_id: object, drafted: int, accepted: int) -> None:
         """One verification: `accepted` of `drafted` proposals passed before the first rejection."""
@@ -126,6 +159,13 @@ class AcceptanceEstimator:
             self.decay * old_accepted + accepted,
             self.decay * old_rejections + rejected,
         )
+        reached = min(drafted, accepted + 1)  # the first rejected position is reached too
+        grow = reached - len(self._position_reached)
+        self._position_reached += [0.0] * grow
+        self._position_accepted += [0.0] * grow
+        for j in range(len(self._position_reached)):
+            self._position_reached[j] = self.decay * self._position_reached[j] + (j < reached)
+            self._position_accepted[j] = self.decay * self._position_accepted[j] + (j < accepted)
 
     def alpha(self, request_id: object | None = None) -> float:
         """The global estimate, or one request's (shrunk toward the global one)."""
@@ -136,6 +176,22 @@ class AcceptanceEstimator:
             return global_alpha
         accepted, rejections = self._per_request.get(request_id, (0.0, 0.0))
         return _posterior_mean(accepted, rejections, global_alpha, self.prior_strength)
+
+    def position_alphas(self, request_id: object, k: int) -> list[float]:
+        """The request's acceptance rate at positions 1..k of a step: the global rate at each
+        position, scaled by the request's level (module docstring)."""
+        global_alpha = self.alpha()
+        level = self.alpha(request_id) / max(global_alpha, 1e-12)
+        rates = []
+        for j in range(k):
+            reached, accepted = (
+                (self._position_reached[j], self._position_accepted[j])
+                if j < len(self._position_reached)
+                else (0.0, 0.0)
+            )
+            shape = _posterior_mean(accepted, reached - accepted, global_alpha, self.prior_strength)
+            rates.append(min(1.0, shape * level))
+        return rates
 
     def forget(self, request_id: object) -> None:
         self._per_request.pop(request_id, None)
@@ -219,40 +275,48 @@ class StepTimeModel:
                 "engine_seqs",
             )
         )
-        self.draft = LinearTimeModel(("constant", "draft_passes", "draft_tokens"))
+        self.draft = LinearTimeModel(
+            ("constant", "draft_passes", "draft_tokens", "catch_up_tokens")
+        )
         self.refit_every = refit_every
         self._since_refit = 0
 
     def predict(
-        self, ks: Sequence[int], context_tokens: int, other_tokens: int = 0, drafting: bool = True
+        self,
+        ks: Sequence[int],
+        context_tokens: int,
+        other_tokens: int = 0,
+        drafting: bool = True,
+        catch_up_tokens: int = 0,
     ) -> float:
         """Seconds for a step whose decoding requests verify ks drafts (plus other_tokens of
-        prefill chunks); drafting=False leaves out the proposer (n-gram proposals exist already)."""
+        prefill chunks); drafting=False leaves out the proposer (n-gram proposals exist already);
+        catch_up_tokens: Σ u_i over the requests with k_i > 0."""
         batched_tokens = sum(ks) + len(ks) + other_tokens
         features = _target_features(batched_tokens, context_tokens, len(ks), any(ks), True)
         seconds = self.target.predict(features)
         if any(ks) and drafting:
-            seconds += self.draft.predict([1, max(ks), sum(ks)])
+            seconds += self.draft.predict([1, max(ks), sum(ks), catch_up_tokens])
         return seconds
 
     def speculating_step(
         self, num_seqs: int, context_tokens: int, other_tokens: int = 0, drafting: bool = True
-    ) -> Callable[[int, int], float]:
-        """`predict` of speculating steps as a function of (Σk_i, max_i k_i), both ≥ 1: the
-        batch's other features are folded in once, so SmartSpec scores every prefix of its
-        proposal order with a few float operations (plain Python beats tensor ops here)."""
+    ) -> Callable[[int, int, int], float]:
+        """`predict` of speculating steps as a function of (Σk_i, max_i k_i, Σ u_i), the first
+        two ≥ 1: the batch's other features are folded in once, so SmartSpec scores every prefix
+        of its proposal order with a few float operations (plain Python beats tensor ops here)."""
         if self.target.coefficients is None or (drafting and self.draft.coefficients is None):
             raise RuntimeError("the time model has no fit yet: profile or fit it first")
         c_0, c_token, c_context, c_seq, c_spec, e_0, e_seq = self.target.coefficients
         target_fixed = c_0 + c_token * (num_seqs + other_tokens) + c_context * context_tokens
         target_fixed += (c_seq + e_seq) * num_seqs + c_spec + e_0
-        d_0, d_pass, d_token = self.draft.coefficients if drafting else (0.0, 0.0, 0.0)
+        d_0, d_pass, d_token, d_up = self.draft.coefficients if drafting else (0.0,) * 4
 
-        def seconds(total_k: int, max_k: int) -> float:
+        def seconds(total_k: int, max_k: int, catch_up: int) -> float:
             target = max(target_fixed + c_token * total_k, 1e-9)  # as LinearTimeModel.predict
             if not drafting:
                 return target
-            return target + max(d_0 + d_pass * max_k + d_token * total_k, 1e-9)
+            return target + max(d_0 + d_pass * max_k + d_token * total_k + d_up * catch_up, 1e-9)
 
         return seconds
 
@@ -264,13 +328,15 @@ class StepTimeModel:
         num_seqs: int,
         target_seconds: float,
         draft_seconds: float = 0.0,
+        catch_up_tokens: int = 0,
     ) -> None:
         """A measured step: target_seconds is everything but drafting (forward, sampling,
-        verification, bookkeeping); draft_seconds the proposer's time (0 when it did not run)."""
+        verification, bookkeeping); draft_seconds the proposer's time (0 when it did not run),
+        which fed catch_up_tokens beyond one per drafting request."""
         features = _target_features(batched_tokens, context_tokens, num_seqs, any(ks), True)
         self.target.add(features, target_seconds)
         if any(ks) and draft_seconds > 0:
-            self.draft.add([1, max(ks), sum(ks)], draft_seconds)
+            self.draft.add([1, max(ks), sum(ks), catch_up_tokens], draft_seconds)
         self._since_refit += 1
         if self._since_refit >= self.refit_every:
             self._since_refit = 0
@@ -281,7 +347,7 @@ class StepTimeModel:
 
 def profile(
     target_fn: Callable[[int, int, int], object],
-    draft_fn: Callable[[int, int, int], object] | None = None,
+    draft_fn: Callable[[int, int, int, int], object] | None = None,
     max_seqs: int = 32,
     max_k: int = 8,
     context_lens: Sequence[int] = (64, 256),
@@ -292,8 +358,9 @@ def profile(
 
     target_fn(num_seqs, tokens_per_seq, context_len) runs one target forward over num_seqs
     sequences, each with context_len cached tokens and tokens_per_seq new ones (1 = plain decode,
-    k + 1 = verification). draft_fn(num_seqs, k, context_len) proposes k tokens for num_seqs
-    requests. Both must return only when the work is done.
+    k + 1 = verification). draft_fn(num_seqs, k, context_len, catch_up) proposes k tokens for
+    num_seqs requests with context_len tokens, each of which feeds catch_up tokens beyond one
+    (every call; 0 = the request drafted last step). Both must return only when the work is done.
     """
     model = StepTimeModel(refit_every)
     for num_seqs in sorted({n for n in (1, 4, 16, max_seqs) if n <= max_seqs}):
@@ -308,22 +375,26 @@ def profile(
     model.target.fit()
     if draft_fn is not None:
         # passes = k and tokens = num_seqs·k vary independently over this grid, which reaches
-        # the largest batch so a batched drafter's per-token cost is measured, not extrapolated.
+        # the largest batch so a batched drafter's per-token cost is measured, not extrapolated;
+        # the catch-up points vary num_seqs·catch_up at one pass.
+        context, catch_up = max(context_lens), min(context_lens) // 2
         for num_seqs in sorted({1, min(4, max_seqs), max_seqs}):
-            for k in sorted({1, min(4, max_k), max_k}):
-                seconds = _seconds(draft_fn, num_seqs, k, max(context_lens), repeats=repeats)
-                model.draft.add([1, k, num_seqs * k], seconds, profiled=True)
+            for k, up in [(k, 0) for k in sorted({1, min(4, max_k), max_k})] + [(1, catch_up)]:
+                seconds = _seconds(draft_fn, num_seqs, k, context, up, repeats=repeats)
+                model.draft.add([1, k, num_seqs * k, num_seqs * up], seconds, profiled=True)
         model.draft.fit()
     return model
 
 
 @dataclass(frozen=True)
 class SpecCandidate:
-    """A decoding request in this step: its cached tokens and how many drafts it may verify."""
+    """A decoding request in this step: its cached tokens, how many drafts it may verify, and
+    the draft's catch-up for it (tokens to feed beyond one before drafting; 0 for n-gram)."""
 
     request_id: object
     context_len: int
     max_k: int
+    catch_up: int = 0
 
 
 class SmartSpec:
@@ -360,7 +431,9 @@ class SmartSpec:
         """Proposal length per request (0 = no speculation), in the order given."""
         context_tokens = sum(r.context_len for r in requests)
         caps = [max(0, min(r.max_k, self.max_k)) for r in requests]
-        alphas = [self.estimator.alpha(r.request_id) for r in requests]
+        rates = [
+            self.estimator.position_alphas(r.request_id, cap) for r, cap in zip(requests, caps)
+        ]
 
         no_spec_seconds = self.time_model.predict(
             [0] * len(requests), context_tokens, other_tokens, self.drafting_cost
@@ -373,20 +446,24 @@ class SmartSpec:
         # prefix of this order is a candidate choice; a request's positions enter in order j =
         # 1, 2, ..., so a prefix's max k_i is the running max of j.
         items = [
-            (alphas[i] ** j, j, i) for i in range(len(requests)) for j in range(1, caps[i] + 1)
+            (gain, j, i)
+            for i in range(len(requests))
+            for j, gain in enumerate(itertools.accumulate(rates[i], operator.mul), 1)
         ]
         items.sort(key=(lambda it: (-it[0], it[2])) if self.per_request else (lambda it: it[1:]))
         if items:
             step_seconds = self.time_model.speculating_step(
                 len(requests), context_tokens, other_tokens, self.drafting_cost
             )
-            expected, max_k = float(len(requests)), 0
-            for position, (gain, level, _) in enumerate(items, 1):
+            expected, max_k, catch_up = float(len(requests)), 0, 0
+            for position, (gain, level, request) in enumerate(items, 1):
                 expected += gain
                 max_k = max(max_k, level)
+                if level == 1:  # the request starts drafting: the draft catches it up first
+                    catch_up += requests[request].catch_up
                 if not self.per_request and position < len(items) and items[position][1] == level:
                     continue  # only complete levels
-                seconds = step_seconds(position, max_k)
+                seconds = step_seconds(position, max_k, catch_up)
                 if expected / seconds > best_speculating[0]:  # strict: the first, fewest
                     best_speculating = (expected / seconds, position, expected, seconds)
             if best_speculating[0] > best[0]:
@@ -424,11 +501,18 @@ class SmartSpec:
         generated_tokens: int,
         target_seconds: float,
         draft_seconds: float = 0.0,
+        catch_up_tokens: int = 0,
     ) -> None:
         """A finished step: feeds the time model (StepTimeModel.observe) and the measured goodput
         (generated tokens over the whole step time, an EMA reported by `metrics`)."""
         self.time_model.observe(
-            ks, batched_tokens, context_tokens, num_seqs, target_seconds, draft_seconds
+            ks,
+            batched_tokens,
+            context_tokens,
+            num_seqs,
+            target_seconds,
+            draft_seconds,
+            catch_up_tokens,
         )
         measured = generated_tokens / max(target_seconds + draft_seconds, 1e-9)
         previous = self._measured_goodput

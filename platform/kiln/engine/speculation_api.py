@@ -49,6 +49,9 @@ class SpecRequestState:
     params: SamplingParams
     generator: torch.Generator  # the request's own RNG (seeded if params.seed is set)
     max_new_proposals: int  # engine limit: tokens left before max_tokens / model context, minus 1
+    # Tokens that end the request (EOS unless ignore_eos, and params.stop_token_ids): a proposal
+    # ends at one, since drafts after it could never be kept.
+    stop_token_ids: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -70,10 +73,13 @@ class StepStats:
     batch_size: int  # requests in the forward pass
     num_batched_tokens: int  # query tokens in the target forward (prefill chunks + decode + drafts)
     num_context_tokens: int  # KV tokens attended over, summed over requests
-    # Draft tokens verified per request, and of those the accepted ones (truncated at the first
-    # rejection); both stop at a stop condition inside the drafts, whose later drafts go unused.
+    # Per request, for the acceptance estimate: drafts up to and including the first rejected
+    # one, and of those the accepted ones; both stop at a stop condition inside the drafts,
+    # whose later drafts go unused.
     num_proposed: dict[str, int]
     num_accepted: dict[str, int]
+    # Drafts each request verified this step, all of them: what the step's forwards cost.
+    num_drafted: dict[str, int]
     num_generated_tokens: int  # tokens appended to requests this step (all requests)
     propose_time_s: float
     forward_time_s: float  # target forward + verification/sampling
