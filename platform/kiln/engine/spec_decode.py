@@ -34,6 +34,7 @@ proposer plus a fixed k or SmartSpec's goodput controller (`kiln.engine.smartspe
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -307,13 +308,12 @@ class Speculator:
             batch = [ForwardInput([0] * tokens_per_seq, context_len, blocks, tokens_per_seq)]
             runner.execute(batch * num_seqs)
 
-        calls = [0]
+        calls = itertools.count()
 
         def draft_fn(num_seqs: int, k: int, context_len: int, catch_up: int) -> None:
             # The last catch_up + 1 tokens differ from the previous call's: the draft rolls them
             # back and feeds them again, as for a request that has not drafted for a while.
-            calls[0] += 1
-            tokens = [0] * (context_len - catch_up - 1) + [1 + calls[0] % 2] * (catch_up + 1)
+            tokens = [0] * (context_len - catch_up - 1) + [1 + next(calls) % 2] * (catch_up + 1)
             params = SamplingParams(max_tokens=k + 1, temperature=0)
             generator = torch.Generator(self.proposer.device)
             states = [
