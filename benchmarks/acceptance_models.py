@@ -1,0 +1,146 @@
+"""Which acceptance model predicts speculative verification best (issue 7, SmartSpec's α).
+
+    python benchmarks/acceptance_models.py [--model PATH --draft PATH] [--requests 512]
+
+Serves the test prompts of the `spec` world (the SmartSpec benchmark's) at a fixed k = 8 with
+each proposer and records every verification (request, proposals, accepted before the first
+rejection). Then replays those records, in step order, through three acceptance models, each
+predicting a step's outcome before it observes it (prequential, as SmartSpec uses them):
+  - `constant`: the paper's one α per request at every position (`AcceptanceEstimator.alpha`);
+  - `kiln`: `AcceptanceEstimator.position_alphas` as landed, the global per-position rate scaled
+    at every position by the request's pooled rate over the global one;
+  - `level_at_position_1`: the request's level scales position 1 only, and later positions take
+    the global conditional rates (shrunk toward the request's α), tried on 2026-12-03 because
+    prompt-lookup acceptance is bimodal (BENCHMARKS.md, SmartSpec).
+Reports the mean log-likelihood of the observed outcomes (higher is better) and the RMS error of
+the predicted number of accepted proposals. Prints a table and writes results.json to --out.
+A better prediction need not give lower latency: the SmartSpec section says what it gave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+from datetime import date
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from jobs import pretrain_lm
+from kiln.config import load_config
+from kiln.engine import LLMEngine, SamplingParams
+from kiln.engine.smartspec import AcceptanceEstimator
+from kiln.worlds.text import TextWorld
+
+MAX_K = 8
+
+
+class LevelAtPosition1(AcceptanceEstimator):
+    """The alternative: min(1, α_1 · α_i / α) at position 1, then α_j shrunk toward α_i."""
+
+    def position_alphas(self, request_id: object, k: int) -> list[float]:
+        global_alpha, request_alpha = self.alpha(), self.alpha(request_id)
+        rates = []
+        for j in range(k):
+            reached, accepted = (
+                (self._position_reached[j], self._position_accepted[j])
+                if j < len(self._position_reached)
+                else (0.0, 0.0)
+            )
+            prior = global_alpha if j == 0 else request_alpha
+            rate = (accepted + self.prior_strength * prior) / (reached + self.prior_strength)
+            rates.append(min(1.0, rate * request_alpha / global_alpha) if j == 0 else rate)
+        return rates
+
+
+class Constant(AcceptanceEstimator):
+    def position_alphas(self, request_id: object, k: int) -> list[float]:
+        return [self.alpha(request_id)] * k
+
+
+def record(model: Path, draft: Path | None, proposer: str, prompts, max_tokens: int) -> list:
+    engine = LLMEngine(
+        model=model,
+        draft_model=draft if proposer == "draft" else None,
+        proposer=proposer,
+        speculation=MAX_K,
+        max_num_seqs=32,
+    )
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    steps = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        stats = engine.last_step_stats
+        steps.append([(rid, n, stats.num_accepted[rid]) for rid, n in stats.num_proposed.items()])
+    return steps
+
+
+def replay(steps: list, estimator: AcceptanceEstimator) -> dict[str, float]:
+    log_likelihood, squared_error, count = 0.0, 0.0, 0
+    for step in steps:
+        predicted = {rid: estimator.position_alphas(rid, n) for rid, n, _ in step if n}
+        for rid, n, accepted in step:
+            if not n:
+                continue
+            rates = predicted[rid]
+            p = math.prod(rates[:accepted]) * (1.0 - rates[accepted] if accepted < n else 1.0)
+            log_likelihood += math.log(max(p, 1e-12))
+            squared_error += (sum(math.prod(rates[: j + 1]) for j in range(n)) - accepted) ** 2
+            count += 1
+        for rid, n, accepted in step:
+            estimator.observe(rid, n, accepted)
+    return {
+        "log_likelihood": log_likelihood / count,
+        "rmse_accepted": math.sqrt(squared_error / count),
+        "verifications": count,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="target checkpoint (default: spec preset)")
+    parser.add_argument("--draft", type=Path, help="draft checkpoint (default: spec_draft preset)")
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/acceptance_models"))
+    args = parser.parse_args()
+    model = args.model or pretrain_lm.pretrained_model("spec")
+    draft = args.draft or pretrain_lm.pretrained_model("spec_draft")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    world = TextWorld(load_config(pretrain_lm.PretrainLMConfig, "spec").world)
+    prompts = [tokenizer(e.prompt).input_ids for e in world.split("test", args.requests)]
+    models = {
+        "constant": Constant,
+        "kiln": AcceptanceEstimator,
+        "level_at_position_1": LevelAtPosition1,
+    }
+    results = {}
+    print("| proposer | model | log-likelihood / verification | RMSE accepted |")
+    print("| --- | --- | --- | --- |")
+    for proposer in ("draft", "ngram"):
+        steps = record(model, draft, proposer, prompts, args.max_tokens)
+        results[proposer] = {name: replay(steps, cls()) for name, cls in models.items()}
+        for name, r in results[proposer].items():
+            print(f"| {proposer} | {name} | {r['log_likelihood']:.3f} | {r['rmse_accepted']:.3f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "date": date.today().isoformat(),
+                "machine": f"{platform.machine()} {platform.processor()}".strip(),
+                "model": str(model),
+                "draft": str(draft),
+                "requests": args.requests,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
