@@ -10,8 +10,8 @@ predicting a step's outcome before it observes it (prequential, as SmartSpec use
   - `kiln`: `AcceptanceEstimator.position_alphas` as landed, the global per-position rate scaled
     at every position by the request's pooled rate over the global one;
   - `level_at_position_1`: the request's level scales position 1 only, and later positions take
-    the global conditional rates (shrunk toward the request's α), tried on 2026-12-03 because
-    prompt-lookup acceptance is bimodal (BENCHMARKS.md, SmartSpec).
+    the global conditional rates; tried on 2026-12-03 because prompt-lookup acceptance is
+    bimodal (BENCHMARKS.md, SmartSpec).
 Reports the mean log-likelihood of the observed outcomes (higher is better) and the RMS error of
 the predicted number of accepted proposals. Prints a table and writes results.json to --out.
 A better prediction need not give lower latency: the SmartSpec section says what it gave.
@@ -38,21 +38,12 @@ MAX_K = 8
 
 
 class LevelAtPosition1(AcceptanceEstimator):
-    """The alternative: min(1, α_1 · α_i / α) at position 1, then α_j shrunk toward α_i."""
+    """The alternative: min(1, α_1 · α_i / α) at position 1, then the global α_j."""
 
     def position_alphas(self, request_id: object, k: int) -> list[float]:
-        global_alpha, request_alpha = self.alpha(), self.alpha(request_id)
-        rates = []
-        for j in range(k):
-            reached, accepted = (
-                (self._position_reached[j], self._position_accepted[j])
-                if j < len(self._position_reached)
-                else (0.0, 0.0)
-            )
-            prior = global_alpha if j == 0 else request_alpha
-            rate = (accepted + self.prior_strength * prior) / (reached + self.prior_strength)
-            rates.append(min(1.0, rate * request_alpha / global_alpha) if j == 0 else rate)
-        return rates
+        profile = AcceptanceEstimator.position_alphas(self, None, k)  # α_i = α: the global rates
+        level = self.alpha(request_id) / self.alpha()
+        return [min(1.0, rate * level) if j == 0 else rate for j, rate in enumerate(profile)]
 
 
 class Constant(AcceptanceEstimator):
