@@ -20,17 +20,20 @@ A better prediction need not give lower latency: the SmartSpec section says what
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import operator
 import platform
 from datetime import date
 from pathlib import Path
 
+from smartspec import make_engine  # benchmarks/smartspec.py, beside this script
 from transformers import AutoTokenizer
 
 from jobs import pretrain_lm
 from kiln.config import load_config
-from kiln.engine import LLMEngine, SamplingParams
+from kiln.engine import SamplingParams
 from kiln.engine.smartspec import AcceptanceEstimator
 from kiln.worlds.text import TextWorld
 
@@ -52,13 +55,7 @@ class Constant(AcceptanceEstimator):
 
 
 def record(model: Path, draft: Path | None, proposer: str, prompts, max_tokens: int) -> list:
-    engine = LLMEngine(
-        model=model,
-        draft_model=draft if proposer == "draft" else None,
-        proposer=proposer,
-        speculation=MAX_K,
-        max_num_seqs=32,
-    )
+    engine = make_engine(model, draft, proposer, MAX_K)  # the SmartSpec benchmark's engine
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
@@ -80,7 +77,8 @@ def replay(steps: list, estimator: AcceptanceEstimator) -> dict[str, float]:
             rates = predicted[rid]
             p = math.prod(rates[:accepted]) * (1.0 - rates[accepted] if accepted < n else 1.0)
             log_likelihood += math.log(max(p, 1e-12))
-            squared_error += (sum(math.prod(rates[: j + 1]) for j in range(n)) - accepted) ** 2
+            expected = sum(itertools.accumulate(rates, operator.mul))  # Σ_j α_1·…·α_j
+            squared_error += (expected - accepted) ** 2
             count += 1
         for rid, n, accepted in step:
             estimator.observe(rid, n, accepted)
