@@ -24,6 +24,15 @@ repeats of the mean and of the p99 latency. Writes results.json, results.md (the
 latency_vs_rate.png to --out, and prints the table with the issue's two goals checked:
 SmartSpec within 5% of the best fixed policy at every rate, and at most 0.7x the
 no-speculation latency at the lowest rate.
+
+How the goals are judged: the best fixed policy is the one with the lowest median mean latency,
+and SmartSpec's ratio to it is the median over repeats of the paired ratio (the two serves of
+one repeat replay the same arrivals, seconds apart), with a bootstrap 90% interval of that
+median. Why not the ratio of the two medians (also printed): on the 2-core VM the same matmul
+loop takes 1.52-2.07 s from one run to the next (user time, not steal: BENCHMARKS.md,
+SmartSpec, 2026-12-03 fourth session), so a cell's repeats spread ±15-30% and the smallest of
+five medians is biased low; pairing cancels the arrivals' share of that spread and the
+machine's slow drift. More, shorter repeats (e.g. --requests 64 --repeats 12) then tighten it.
 """
 
 from __future__ import annotations
@@ -162,17 +171,34 @@ def table(results: dict, loads: list[float], rates: list[float]) -> str:
     return "\n".join(lines)
 
 
+def paired_ratio(smart: dict, fixed: dict, rng: np.random.Generator) -> tuple[float, float, float]:
+    """Median over repeats of SmartSpec's mean latency over a fixed policy's on the same
+    arrivals, and a bootstrap 90% interval of that median."""
+    ratios = np.array(smart["repeats_mean_s"]) / np.array(fixed["repeats_mean_s"])
+    resampled = rng.choice(ratios, size=(2000, len(ratios)))
+    low, high = np.percentile(np.median(resampled, axis=1), [5, 95])
+    return float(np.median(ratios)), float(low), float(high)
+
+
 def goals(results: dict, loads: list[float]) -> list[str]:
+    rng = np.random.default_rng(0)
     checks = []
     for proposer, by_policy in results.items():
-        smart = [run["mean_s"] for run in by_policy["smartspec"]]
-        fixed = [k for k in by_policy if k not in ("none", "smartspec")]
+        smart = by_policy["smartspec"]
+        fixed = [k for k in by_policy if k != "smartspec"]
         for i, load in enumerate(loads):
-            best = min(by_policy[k][i]["mean_s"] for k in ["none", *fixed])
-            ok = smart[i] <= 1.05 * best
-            checks.append(f"{proposer} load {load}: SmartSpec/best = {smart[i] / best:.2f} {ok}")
-        ratio = smart[0] / by_policy["none"][0]["mean_s"]
-        checks.append(f"{proposer} lowest load: SmartSpec/no-spec = {ratio:.2f} {ratio <= 0.7}")
+            best = min(fixed, key=lambda k: by_policy[k][i]["mean_s"])
+            ratio, low, high = paired_ratio(smart[i], by_policy[best][i], rng)
+            of_medians = smart[i]["mean_s"] / by_policy[best][i]["mean_s"]
+            checks.append(
+                f"{proposer} load {load}: SmartSpec/best ({best}) = {ratio:.3f} paired"
+                f" [90% {low:.3f}-{high:.3f}], {of_medians:.3f} of medians; {ratio <= 1.05}"
+            )
+        ratio, low, high = paired_ratio(smart[0], by_policy["none"][0], rng)
+        checks.append(
+            f"{proposer} lowest load: SmartSpec/no-spec = {ratio:.3f} paired"
+            f" [90% {low:.3f}-{high:.3f}]; {ratio <= 0.7}"
+        )
     return checks
 
 
