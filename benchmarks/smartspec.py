@@ -30,9 +30,10 @@ and SmartSpec's ratio to it is the median over repeats of the paired ratio (the 
 one repeat replay the same arrivals, seconds apart), with a bootstrap 90% interval of that
 median. Why not the ratio of the two medians (also printed): on the 2-core VM the same matmul
 loop takes 1.52-2.07 s from one run to the next (user time, not steal: BENCHMARKS.md,
-SmartSpec, 2026-12-03 fourth session), so a cell's repeats spread ±15-30% and the smallest of
-five medians is biased low; pairing cancels the arrivals' share of that spread and the
-machine's slow drift. More, shorter repeats (e.g. --requests 64 --repeats 12) then tighten it.
+SmartSpec, 2026-12-03 fourth session), so one policy's repeats on the same arrivals spread
+±10-15% and the smallest of several medians is biased low; pairing cancels the arrivals' share
+of that spread and the machine's slow drift. More, shorter repeats (e.g. --requests 64
+--repeats 12) then tighten it.
 """
 
 from __future__ import annotations
