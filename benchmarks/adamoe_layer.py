@@ -1,6 +1,7 @@
 """AdaMoE MoE-layer speed at the learned routing vs Hugging Face's top-k block (issue 5, acc. 3).
 
     python benchmarks/adamoe_layer.py --model RUN/model [--examples 300] [--repeats 15]
+    python benchmarks/adamoe_layer.py --model RUN/model --device cuda --dtype bfloat16
 
 --model is a fine-tuned AdaMoE model (`python -m jobs.adamoe` writes `<run dir>/model`). The
 inputs of every MoE layer are captured on text-world test examples (prompt + reference
@@ -14,9 +15,10 @@ blocks run on the same inputs, interleaved repeat by repeat (machine contention 
 - `adamoe_topk`: the same AdaMoE code with the nulls masked off (vanilla top-k), which isolates
   the routing saving from any implementation difference.
 
-Reports the fastest forward time per layer and in total, the FLOPs ratio at the learned routing
-(`kiln.adamoe.analytics.moe_flops_ratio`), and the goal: time saved >= 80% of FLOPs saved.
-Writes results.json next to --out.
+On a GPU (`--device cuda`, the default when one is visible) each forward is timed to a device
+synchronize. Reports the fastest forward time per layer and in total, the FLOPs ratio at the
+learned routing (`kiln.adamoe.analytics.moe_flops_ratio`), and the goal: time saved >= 80% of
+FLOPs saved. Writes results.json next to --out.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from kiln.adamoe.analytics import moe_flops_ratio
 from kiln.adamoe.model import AdaMoESparseMoeBlock
 from kiln.worlds.text import TextWorld, TextWorldConfig
 
-# Hugging Face's experts implementations that run on CPU (a Mixtral model's default there is
-# grouped_mm when torch has it, else eager).
+# Hugging Face's experts implementations that run on CPU and GPU (a Mixtral model's default on
+# CPU is grouped_mm when torch has it, else eager).
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm")
 
 
@@ -52,7 +54,7 @@ def capture_layer_inputs(model, texts: list[str], tokenizer) -> list[torch.Tenso
         )
         for index, layer in enumerate(model.model.layers)
     ]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    batch = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
     with torch.inference_mode():
         model(**batch)
     for hook in hooks:
@@ -69,20 +71,31 @@ def hf_topk_block(adamoe_block, config, implementation: str) -> MixtralSparseMoe
     block = MixtralSparseMoeBlock(base).eval()
     state = {k: v for k, v in adamoe_block.state_dict().items() if not k.endswith("null_weight")}
     block.load_state_dict(state)
-    return block
+    return block.to(adamoe_block.gate.weight.device, adamoe_block.gate.weight.dtype)
 
 
 def time_blocks(blocks: dict, hidden: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Fastest of `repeats` forwards of each block, run interleaved: on a shared machine the
-    minimum is the run least disturbed by other processes (fastest drift with their load)."""
+    """Fastest of `repeats` forwards of each block, interleaved.
+
+    On a shared machine the minimum is the run least disturbed by other processes. The order
+    rotates every round: a block that runs right after another one inherits that block's state
+    of the caches and allocator (right after `hf_grouped_mm`, a block ran 10-15% slower on a
+    Xeon), so a fixed order charged one block for its neighbour.
+    """
     times: dict[str, list[float]] = {name: [] for name in blocks}
+    names = list(blocks)
+    # Kernels launch asynchronously on a GPU: a forward ends when the device is done.
+    synchronize = torch.cuda.synchronize if hidden.is_cuda else lambda: None
     with torch.inference_mode():
         for block in blocks.values():
             block(hidden)  # warm-up
-        for _ in range(repeats):
-            for name, block in blocks.items():
+        for round_ in range(repeats):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                synchronize()
                 start = time.perf_counter()
-                block(hidden)
+                blocks[name](hidden)
+                synchronize()
                 times[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in times.items()}
 
@@ -93,12 +106,21 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200, help="test examples as inputs")
     parser.add_argument("--repeats", type=int, default=60, help="timed forwards per block")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the blocks run (default: cuda when a GPU is visible, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and inputs"
+    )
     parser.add_argument("--out", default="runs/benchmarks/adamoe_layer", help="output folder")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     if not isinstance(model, AdaMoEForCausalLM):
         parser.error(f"--model {args.model}: expected an AdaMoE model, got {type(model).__name__}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -110,12 +132,10 @@ def main() -> None:
     rows, true_experts = [], []
     for index, (layer, hidden) in enumerate(zip(model.model.layers, inputs)):
         adamoe = layer.mlp
-        masked = AdaMoESparseMoeBlock(config).eval()
+        masked = AdaMoESparseMoeBlock(config).to(args.device, dtype).eval()
         masked.load_state_dict(adamoe.state_dict())
         masked.gate.top_k = config.base_top_k
-        masked.gate.null_logits = lambda x: torch.full(
-            (len(x), config.num_null_experts), -torch.inf
-        )
+        masked.gate.nulls_enabled = False
         blocks = {
             **{f"hf_{name}": hf_topk_block(adamoe, config, name) for name in HF_IMPLEMENTATIONS},
             "adamoe": adamoe,
@@ -138,8 +158,10 @@ def main() -> None:
     time_saved_same_code = 1 - totals["adamoe"] / totals["adamoe_topk"]
     result = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-        + ("cuda" if torch.cuda.is_available() else "CPU only"),
+        "machine": torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "dtype": args.dtype,
         "model": args.model,
         "tokens_per_layer": int(inputs[0].shape[1]),
         "experts": config.num_local_experts,

@@ -66,7 +66,7 @@ def test_null_logits_at_minus_inf_equal_vanilla_top_k(monkeypatch, top_k):
     )
     hidden = torch.randn(2, 7, HIDDEN)
     live = block(hidden)
-    monkeypatch.setattr(block.gate, "null_logits", lambda x: torch.full((len(x), 3), float("-inf")))
+    monkeypatch.setattr(block.gate, "nulls_enabled", False)
     torch.testing.assert_close(block(hidden), vanilla(hidden), atol=1e-6, rtol=0)
     assert (live - vanilla(hidden)).abs().max() > 1e-3  # negative control: nulls live
 
@@ -83,6 +83,14 @@ def test_true_weights_sum_to_one_and_all_null_tokens_output_zero():
         weights[true_count > 0].sum(-1), torch.ones(int((true_count > 0).sum()))
     )
     assert (weights[indices >= N] == 0).all()
+    # The weights are the paper's p_i / Σ_{S_T} p_j, p the softmax over all n + m logits.
+    logits = torch.cat([hidden @ block.gate.weight.T, hidden @ block.gate.null_weight.T], -1)
+    selected = torch.softmax(logits, -1).gather(-1, indices) * (indices < N)
+    paper = selected / selected.sum(-1, keepdim=True).clamp_min(1e-30)
+    torch.testing.assert_close(weights, paper)
+    all_slots = torch.softmax(logits, -1).gather(-1, indices)  # control: normalised over k'
+    all_slots = all_slots * (indices < N) / all_slots.sum(-1, keepdim=True)
+    assert (weights - all_slots).abs().max() > 1e-2
     output = block(hidden[None])[0]
     assert torch.isfinite(output).all()
     assert (output[true_count == 0] == 0).all() and (output[true_count > 0] != 0).any()
@@ -227,6 +235,41 @@ def test_bad_input_fails_with_a_clear_message():
         convert(mixtral(), 4, 9)
     with pytest.raises(ValueError, match="num_null_experts=-1"):
         convert(mixtral(), -1, 2)
+
+
+def _router_gradients(model, loss_of):
+    ids, mask = inputs()
+    output = model(ids, attention_mask=mask, output_router_logits=True)
+    gate = model.model.layers[0].mlp.gate
+    return torch.autograd.grad(loss_of(ids, output), [gate.weight, gate.null_weight])
+
+
+def _lm_loss(ids, output):
+    return torch.nn.functional.cross_entropy(
+        output.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+    )
+
+
+def test_only_the_balance_loss_moves_the_null_router(monkeypatch):
+    """True-only renormalisation cancels the softmax denominator, so the LM loss gives W_null no
+    gradient (why α does not set its speed under AdamW: kiln/adamoe/model.py)."""
+    model = convert(mixtral(), 4, 3).train()
+    with torch.no_grad():  # off the tied init, so tokens mix true and null slots
+        for layer in model.model.layers:
+            layer.mlp.gate.null_weight.add_(0.3 * torch.randn_like(layer.mlp.gate.null_weight))
+    true_lm, null_lm = _router_gradients(model, _lm_loss)
+    assert true_lm.norm() > 1e-3 and null_lm.norm() <= 1e-6 * true_lm.norm()
+    _, null_balance = _router_gradients(model, lambda ids, output: output.aux_loss)
+    assert null_balance.norm() > 1e-3
+
+    def all_slot_route(router_logits, num_experts, top_k):  # control: normalise over all k'
+        _, indices = route(router_logits, num_experts, top_k)
+        probs = torch.softmax(router_logits.float(), dim=-1).gather(-1, indices)
+        return probs * (indices < num_experts) / probs.sum(-1, keepdim=True), indices
+
+    monkeypatch.setattr("kiln.adamoe.model.route", all_slot_route)
+    _, null_lm_control = _router_gradients(model, _lm_loss)
+    assert null_lm_control.norm() > 1e-3
 
 
 def test_route_guards_the_all_null_denominator():

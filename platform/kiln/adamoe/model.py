@@ -32,8 +32,9 @@ every null's f_j is replaced by the null mean f̄ = (1/m) Σ_{j null} f_j:
 
 so the loss is indifferent to how load splits among the (free) nulls. With m = 0 it is exactly
 Hugging Face's `load_balancing_loss_func`. Under uniform routing it equals k'.
-Weight schedule: α = 0.02 for the first part of training (balance first), then α = 1e-4 (give
-tokens freedom); the paper does this per epoch, the job by a fraction of its steps.
+Weight schedule: the authors describe α = 0.02 in epoch 1 (balance first), then α = 1e-4 (give
+tokens freedom); the official Mixtral code hard-codes 1e-4 throughout. The job steps α at a
+fraction of its steps, by default from 1e-4 to 0, for the reason at the end of this docstring.
 
 Deviations from the paper / official code, and why:
 - The official Mixtral loss meant to average the null loads but sliced the top-k axis of a
@@ -48,13 +49,24 @@ Deviations from the paper / official code, and why:
   moment): fine for the checkpoints kiln trains, not for Mixtral-8x7B on one host. Loading a
   plain Mixtral checkpoint straight into `AdaMoEForCausalLM.from_pretrained` is not supported
   (its null router would keep a random init and `base_top_k` would be unset).
-- The balancing weight is a step function of training progress rather than of epochs.
+- The balancing weight is a step function of training progress rather than of epochs, and by
+  default it drops to 0, not 1e-4, after the balance phase (why: the end of this docstring).
 
 A property worth knowing [derived]: w_i = p_i / Σ_{S_T} p_j depends only on the selected true
 experts' logits (the softmax denominator cancels), so the LM loss sends no gradient to the null
 router, and a token with a single true expert gives that expert weight 1 whatever p is. How
 many true experts a token uses is therefore moved by ℓ_null, and by the LM loss only indirectly
-(through the true logits' ranks against the nulls).
+(through the true logits' ranks against the nulls). A consequence for α [derived, measured]: the
+null router's only gradient is α·∇ℓ_null, and Adam-type optimizers normalise a parameter's step
+by its own gradient scale, so W_null moves at the same speed whatever α > 0 is (above Adam's ε).
+The load reaches ℓ_null's uniform point k'·n/(n+m) in the same ~40 steps at α = 0.02 as at
+1e-4, and any α > 0 keeps W_null chasing that point for the rest of the run: the paper's small
+epoch-2 α gives tokens no freedom. The size of α only sets how hard ℓ_null pulls the pretrained
+router W_g (at the converted start, α = 0.02 makes that pull 1-49% of the LM gradient's norm on
+W_g, first to last layer of the moe base; 1e-4, under 0.3%). The job therefore steps α from
+1e-4 (the official code's value) to 0 a quarter of the way in: the null router then stops, and
+the experts and adapters fine-tune against a settled routing. That, not the size of α, closed
+the accuracy gap on the embedded world (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -80,13 +92,18 @@ class AdaMoEConfig(MixtralConfig):
     base_top_k: int | None = None  # k of the model it was converted from: the FLOPs baseline
 
 
-def select_experts(probs: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Indices of the top_k largest entries per row, ties broken toward the lower index.
+def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the top_k largest logits per row, ties broken toward the lower index.
 
-    True experts come first in the router's columns, so a true expert wins a tie with its null
-    twin (module docstring). Without ties this is exactly torch.topk's selection and order.
+    Softmax is monotonic, so this is the top-k of the routing probabilities without computing
+    them. True experts come first in the router's columns, so a true expert wins a tie with its
+    null twin (module docstring). Ties are the rule, not the exception: twin nulls start equal
+    and ℓ_null, symmetric in the nulls, gives them equal gradients, so they stay tied through
+    training (43% of a trained m = 8, k' = 5 layer's rows tie at the k'-th slot). Hence a stable
+    sort rather than torch.topk, which documents no tie order.
     """
-    return torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :top_k]
+    ordered = torch.sort(router_logits, dim=-1, descending=True, stable=True)
+    return ordered.values[..., :top_k], ordered.indices[..., :top_k]
 
 
 def route(
@@ -96,20 +113,22 @@ def route(
 
     Returns (weights, indices), both [tokens, top_k]. Indices >= num_experts are null slots;
     their weight is 0, and a token whose every slot is null gets all-zero weights (no NaN: the
-    zero denominator is replaced by 1).
+    zero denominator is clamped away from 0). p_i / Σ_{S_T} p_j is a softmax over the selected true
+    logits alone (the full softmax's denominator cancels), which skips a softmax over all n + m
+    columns: on CPU that was most of the router's time.
     """
-    probs = F.softmax(router_logits.float(), dim=-1)
-    indices = select_experts(probs, top_k)
-    top_probs = probs.gather(-1, indices)
-    true_probs = top_probs * (indices < num_experts)
-    total = true_probs.sum(dim=-1, keepdim=True)
-    return true_probs / torch.where(total > 0, total, torch.ones_like(total)), indices
+    selected, indices = select_experts(router_logits.float(), top_k)
+    selected = selected.masked_fill(indices >= num_experts, -torch.inf)
+    # Shifting by the row's largest true logit keeps exp finite; an all-null row shifts by 0.
+    shift = selected.amax(dim=-1, keepdim=True).detach().nan_to_num(neginf=0.0)
+    unnormalised = torch.exp(selected - shift)
+    total = unnormalised.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return unnormalised / total, indices
 
 
 def true_experts_per_token(router_logits: torch.Tensor, num_experts: int, top_k: int):
     """|S_T| of every token (row) of one layer's router logits: how many true FFNs it runs."""
-    probs = F.softmax(router_logits.float(), dim=-1)  # as `route`, so ties break the same way
-    return (select_experts(probs, top_k) < num_experts).sum(dim=-1)
+    return (select_experts(router_logits, top_k)[1] < num_experts).sum(dim=-1)
 
 
 def null_aware_balance_loss(
@@ -132,7 +151,7 @@ def null_aware_balance_loss(
             if attention_mask is None
             else attention_mask.reshape(-1).to(device, torch.float32)
         )
-        selected = select_experts(probs, top_k)
+        selected = select_experts(logits, top_k)[1]
         load = load.scatter_add(0, selected.reshape(-1), token_weight.repeat_interleave(top_k))
         importance = importance + (probs * token_weight[:, None]).sum(dim=0)
         rows = rows + token_weight.sum()
@@ -154,18 +173,19 @@ class AdaMoERouter(MixtralTopKRouter):
         super().__init__(config)
         # `convert` ties it to the pretrained router; built from a config it starts at logit 0.
         self.null_weight = nn.Parameter(torch.zeros(config.num_null_experts, self.hidden_dim))
+        # False: null logits at -inf, i.e. vanilla top-k over the true experts (the layer
+        # benchmark's reference at the same code; tests).
+        self.nulls_enabled = True
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        router_logits = torch.cat(
-            [F.linear(hidden_states, self.weight), self.null_logits(hidden_states)], -1
-        )
+        if self.nulls_enabled:  # one matmul over both routers: half the time of two on CPU
+            router_logits = F.linear(hidden_states, torch.cat([self.weight, self.null_weight]))
+        else:
+            nulls = hidden_states.new_full((len(hidden_states), len(self.null_weight)), -torch.inf)
+            router_logits = torch.cat([F.linear(hidden_states, self.weight), nulls], -1)
         weights, indices = route(router_logits, self.num_experts, self.top_k)
         return router_logits, weights, indices
-
-    def null_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """W_null x (tests replace it with -inf to recover vanilla top-k routing)."""
-        return F.linear(hidden_states, self.null_weight)
 
 
 class NullSkippingExperts(MixtralExperts):
