@@ -340,7 +340,7 @@ JOB = Job(
     export=export,
     evaluate=evaluate,
     sweep=SweepSpec(
-        grid={"num_null_experts": [0, 4, 8], "top_k": [2, 4]},
+        grid={"num_null_experts": [0, 4, 8], "top_k": [2, 3, 4]},
         metrics=(
             "test/accuracy",
             "test/moe_flops_ratio",
