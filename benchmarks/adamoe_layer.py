@@ -1,7 +1,7 @@
 """AdaMoE MoE-layer speed at the learned routing vs Hugging Face's top-k block (issue 5, acc. 3).
 
     python benchmarks/adamoe_layer.py --model RUN/model [--examples 300] [--repeats 15]
-    python benchmarks/adamoe_layer.py --model RUN/model --device cuda --dtype bfloat16
+    python benchmarks/adamoe_layer.py --model RUN/model --device cuda   # bfloat16 there
 
 --model is a fine-tuned AdaMoE model (`python -m jobs.adamoe` writes `<run dir>/model`). The
 inputs of every MoE layer are captured on text-world test examples (prompt + reference
@@ -77,25 +77,24 @@ def hf_topk_block(adamoe_block, config, implementation: str) -> MixtralSparseMoe
 def time_blocks(blocks: dict, hidden: torch.Tensor, repeats: int) -> dict[str, float]:
     """Fastest of `repeats` forwards of each block, interleaved.
 
-    On a shared machine the minimum is the run least disturbed by other processes. The order
-    rotates every round: a block that runs right after another one inherits that block's state
-    of the caches and allocator (right after `hf_grouped_mm`, a block ran 10-15% slower on a
-    Xeon), so a fixed order charged one block for its neighbour.
+    On a shared machine the minimum is the run least disturbed by other processes. Each timed
+    forward follows an untimed one of the same block: a block run right after another inherits
+    that block's state of the caches and allocator (right after `hf_grouped_mm`, a block ran
+    10-15% slower on a Xeon), which would charge one block for its neighbour.
     """
     times: dict[str, list[float]] = {name: [] for name in blocks}
-    names = list(blocks)
     # Kernels launch asynchronously on a GPU: a forward ends when the device is done.
-    synchronize = torch.cuda.synchronize if hidden.is_cuda else lambda: None
+    synchronize = (lambda: torch.cuda.synchronize(hidden.device)) if hidden.is_cuda else None
     with torch.inference_mode():
-        for block in blocks.values():
-            block(hidden)  # warm-up
-        for round_ in range(repeats):
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
-                synchronize()
+        for _ in range(repeats):
+            for name, block in blocks.items():
+                block(hidden)  # untimed: the block's own state, not its neighbour's
+                if synchronize:
+                    synchronize()
                 start = time.perf_counter()
-                blocks[name](hidden)
-                synchronize()
+                block(hidden)
+                if synchronize:
+                    synchronize()
                 times[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in times.items()}
 
@@ -112,13 +111,16 @@ def main() -> None:
         help="where the blocks run (default: cuda when a GPU is visible, else cpu)",
     )
     parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and inputs"
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="weights and inputs (default: bfloat16 on cuda, float32 on cpu)",
     )
     parser.add_argument("--out", default="runs/benchmarks/adamoe_layer", help="output folder")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     if not isinstance(model, AdaMoEForCausalLM):

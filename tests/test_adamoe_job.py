@@ -46,21 +46,13 @@ def test_job_logs_routing_and_exports_a_reloadable_adamoe_model(
     overrides = [f"base_model={tiny_mixtral}", *TINY]
     config = load_config(JOB.config_cls, "tiny", None, overrides)
     assert (config.num_null_experts, config.top_k, config.runner.num_workers) == (4, 3, 2)
-    schedule = (config.balance_weight_start, config.balance_weight_end)
-    assert (*schedule, config.balance_switch_fraction) == (1e-4, 0.0, 0.25)
-    # The authors' annealing: 0.02 for the first half of max_steps (balance first), then 1e-4.
-    authors = [
-        "balance_weight_start=0.02",
-        "balance_weight_end=1e-4",
-        "balance_switch_fraction=0.5",
-    ]
-    config = load_config(JOB.config_cls, "tiny", None, [*overrides, *authors])
     run_dir = tmp_path / "run"
     summary = run(JOB, config, run_dir)
 
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [r["balance_weight"] for r in rows] == [0.02, 0.02, 1e-4, 1e-4]
+    # α: 1e-4 for the first quarter of max_steps (balance first), then 0 (null router stops).
+    assert [r["balance_weight"] for r in rows] == [1e-4, 0.0, 0.0, 0.0]
     for row in rows:
         assert 0 <= row["true_experts_per_token"] <= 3 and row["balance_loss"] > 0
         assert row["routing/tokens/computed"] > 0 and "routing/true_slots/computed" in row

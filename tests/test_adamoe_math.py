@@ -272,9 +272,19 @@ def test_only_the_balance_loss_moves_the_null_router(monkeypatch):
     assert null_lm_control.norm() > 1e-3
 
 
-def test_route_guards_the_all_null_denominator():
-    weights, indices = route(torch.tensor([[0.0, 0.0, 9.0, 9.0]]), num_experts=2, top_k=2)
+def test_route_guards_the_all_null_denominator_and_far_below_null_true_logits():
+    all_null = torch.tensor([[0.0, 0.0, 9.0, 9.0]], requires_grad=True)
+    weights, indices = route(all_null, num_experts=2, top_k=2)
     assert (indices >= 2).all() and (weights == 0).all()
+    # A true expert 300 below the nulls: the full softmax underflows to p = 0 in float32 (and a
+    # p-based renormalisation would give weight 0); its weight is still 1.
+    far = torch.tensor([[-200.0, -300.0, 100.0, 100.0]], requires_grad=True)
+    far_weights, far_indices = route(far, num_experts=2, top_k=3)
+    assert far_weights[far_indices < 2].tolist() == [1.0]
+    assert torch.softmax(far, -1)[0, 0] == 0  # the underflow this guards against
+    for logits, routed in ((all_null, weights), (far, far_weights)):
+        (routed * torch.randn_like(routed)).sum().backward()
+        assert torch.isfinite(logits.grad).all()
 
 
 def test_arithmetic_tokens_are_split_into_copied_and_computed():

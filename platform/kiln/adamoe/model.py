@@ -64,8 +64,9 @@ The load reaches ℓ_null's uniform point k'·n/(n+m) in the same ~40 steps at �
 epoch-2 α gives tokens no freedom. The size of α only sets how hard ℓ_null pulls the pretrained
 router W_g (at the converted start, α = 0.02 makes that pull 1-49% of the LM gradient's norm on
 W_g, first to last layer of the moe base; 1e-4, under 0.3%). The job therefore steps α from
-1e-4 (the official code's value) to 0 a quarter of the way in: the null router then stops, and
-the experts and adapters fine-tune against a settled routing. That, not the size of α, closed
+1e-4 (the official code's value) to 0 a quarter of the way in: the null router then stops
+(within ~20 steps, as Adam's momentum decays), and the experts and adapters fine-tune against a
+settled routing. That, not the size of α, closed
 the accuracy gap on the embedded world (BENCHMARKS.md).
 """
 
@@ -117,8 +118,8 @@ def route(
     logits alone (the full softmax's denominator cancels), which skips a softmax over all n + m
     columns: on CPU that was most of the router's time.
     """
-    selected, indices = select_experts(router_logits.float(), top_k)
-    selected = selected.masked_fill(indices >= num_experts, -torch.inf)
+    selected, indices = select_experts(router_logits, top_k)  # as the loss, in the model's dtype
+    selected = selected.float().masked_fill(indices >= num_experts, -torch.inf)
     # Shifting by the row's largest true logit keeps exp finite; an all-null row shifts by 0.
     shift = selected.amax(dim=-1, keepdim=True).detach().nan_to_num(neginf=0.0)
     unnormalised = torch.exp(selected - shift)
