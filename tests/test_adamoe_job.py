@@ -43,8 +43,7 @@ def tiny_mixtral(tmp_path_factory):
 def test_job_logs_routing_and_exports_a_reloadable_adamoe_model(
     ray_cluster, tiny_mixtral, tmp_path
 ):
-    overrides = [f"base_model={tiny_mixtral}", *TINY]
-    config = load_config(JOB.config_cls, "tiny", None, overrides)
+    config = load_config(JOB.config_cls, "tiny", None, [f"base_model={tiny_mixtral}", *TINY])
     assert (config.num_null_experts, config.top_k, config.runner.num_workers) == (4, 3, 2)
     run_dir = tmp_path / "run"
     summary = run(JOB, config, run_dir)

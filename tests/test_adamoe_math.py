@@ -71,6 +71,13 @@ def test_null_logits_at_minus_inf_equal_vanilla_top_k(monkeypatch, top_k):
     assert (live - vanilla(hidden)).abs().max() > 1e-3  # negative control: nulls live
 
 
+def all_slot_route(router_logits, num_experts, top_k):
+    """The variant the paper rejected: weights normalised over all k' slots (a control)."""
+    _, indices = route(router_logits, num_experts, top_k)
+    probs = torch.softmax(router_logits.float(), dim=-1).gather(-1, indices)
+    return probs * (indices < num_experts) / probs.sum(-1, keepdim=True), indices
+
+
 def test_true_weights_sum_to_one_and_all_null_tokens_output_zero():
     block = adamoe_block(num_null=8, top_k=3)
     hidden = torch.randn(64, HIDDEN)
@@ -88,8 +95,7 @@ def test_true_weights_sum_to_one_and_all_null_tokens_output_zero():
     selected = torch.softmax(logits, -1).gather(-1, indices) * (indices < N)
     paper = selected / selected.sum(-1, keepdim=True).clamp_min(1e-30)
     torch.testing.assert_close(weights, paper)
-    all_slots = torch.softmax(logits, -1).gather(-1, indices)  # control: normalised over k'
-    all_slots = all_slots * (indices < N) / all_slots.sum(-1, keepdim=True)
+    all_slots, _ = all_slot_route(logits, N, 3)  # control: normalised over all k' slots
     assert (weights - all_slots).abs().max() > 1e-2
     output = block(hidden[None])[0]
     assert torch.isfinite(output).all()
@@ -261,11 +267,6 @@ def test_only_the_balance_loss_moves_the_null_router(monkeypatch):
     assert true_lm.norm() > 1e-3 and null_lm.norm() <= 1e-6 * true_lm.norm()
     _, null_balance = _router_gradients(model, lambda ids, output: output.aux_loss)
     assert null_balance.norm() > 1e-3
-
-    def all_slot_route(router_logits, num_experts, top_k):  # control: normalise over all k'
-        _, indices = route(router_logits, num_experts, top_k)
-        probs = torch.softmax(router_logits.float(), dim=-1).gather(-1, indices)
-        return probs * (indices < num_experts) / probs.sum(-1, keepdim=True), indices
 
     monkeypatch.setattr("kiln.adamoe.model.route", all_slot_route)
     _, null_lm_control = _router_gradients(model, _lm_loss)

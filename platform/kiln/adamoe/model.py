@@ -66,8 +66,8 @@ router W_g (at the converted start, α = 0.02 makes that pull 1-49% of the LM gr
 W_g, first to last layer of the moe base; 1e-4, under 0.3%). The job therefore steps α from
 1e-4 (the official code's value) to 0 a quarter of the way in: the null router then stops
 (within ~20 steps, as Adam's momentum decays), and the experts and adapters fine-tune against a
-settled routing. That, not the size of α, closed
-the accuracy gap on the embedded world (BENCHMARKS.md).
+settled routing. That, not the size of α, closed the accuracy gap on the embedded world
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ def route(
 
     Returns (weights, indices), both [tokens, top_k]. Indices >= num_experts are null slots;
     their weight is 0, and a token whose every slot is null gets all-zero weights (no NaN: the
-    zero denominator is clamped away from 0). p_i / Σ_{S_T} p_j is a softmax over the selected true
-    logits alone (the full softmax's denominator cancels), which skips a softmax over all n + m
-    columns: on CPU that was most of the router's time.
+    zero denominator is clamped away from 0). p_i / Σ_{S_T} p_j is a softmax over the selected
+    true logits alone (the full softmax's denominator cancels), which skips a softmax over all
+    n + m columns: on CPU that was most of the router's time.
     """
     selected, indices = select_experts(router_logits, top_k)  # as the loss, in the model's dtype
     selected = selected.float().masked_fill(indices >= num_experts, -torch.inf)
