@@ -4,14 +4,17 @@
 
 Serves the test prompts of the `spec` world (the SmartSpec benchmark's) at a fixed k = 8 with
 each proposer and records every verification (request, proposals, accepted before the first
-rejection). Then replays those records, in step order, through three acceptance models, each
+rejection). Then replays those records, in step order, through five acceptance models, each
 predicting a step's outcome before it observes it (prequential, as SmartSpec uses them):
   - `constant`: the paper's one α per request at every position (`AcceptanceEstimator.alpha`);
-  - `kiln`: `AcceptanceEstimator.position_alphas` as landed, the global per-position rate scaled
-    at every position by the request's pooled rate over the global one;
+  - `level_everywhere`: the global per-position rate scaled at every position by the request's
+    pooled rate over the global one (the landed model until 2026-12-07);
+  - `global_profile`: the global per-position rate alone;
   - `level_at_position_1`: the request's level scales position 1 only, and later positions take
     the global conditional rates; tried on 2026-12-03 because prompt-lookup acceptance is
-    bimodal (BENCHMARKS.md, SmartSpec).
+    bimodal (BENCHMARKS.md, SmartSpec);
+  - `kiln`: `AcceptanceEstimator.position_alphas` as landed, which uses `level_everywhere` or
+    `global_profile`, whichever has predicted the verifications so far better.
 Reports the mean log-likelihood of the observed outcomes (higher is better) and the RMS error of
 the predicted number of accepted proposals. Prints a table and writes results.json to --out.
 A better prediction need not give lower latency: the SmartSpec section says what it gave.
@@ -44,9 +47,19 @@ class LevelAtPosition1(AcceptanceEstimator):
     """The alternative: min(1, α_1 · α_i / α) at position 1, then the global α_j."""
 
     def position_alphas(self, request_id: object, k: int) -> list[float]:
-        profile = AcceptanceEstimator.position_alphas(self, None, k)  # α_i = α: the global rates
+        profile = self.rates_at_positions(request_id, k, request_level=False)
         level = self.alpha(request_id) / self.alpha()
         return [min(1.0, rate * level) if j == 0 else rate for j, rate in enumerate(profile)]
+
+
+class LevelEverywhere(AcceptanceEstimator):
+    def position_alphas(self, request_id: object, k: int) -> list[float]:
+        return self.rates_at_positions(request_id, k, request_level=True)
+
+
+class GlobalProfile(AcceptanceEstimator):
+    def position_alphas(self, request_id: object, k: int) -> list[float]:
+        return self.rates_at_positions(request_id, k, request_level=False)
 
 
 class Constant(AcceptanceEstimator):
@@ -104,8 +117,10 @@ def main() -> None:
     prompts = [tokenizer(e.prompt).input_ids for e in world.split("test", args.requests)]
     models = {
         "constant": Constant,
-        "kiln": AcceptanceEstimator,
+        "level_everywhere": LevelEverywhere,
+        "global_profile": GlobalProfile,
         "level_at_position_1": LevelAtPosition1,
+        "kiln": AcceptanceEstimator,
     }
     results = {}
     print("| proposer | model | log-likelihood / verification | RMSE accepted |")

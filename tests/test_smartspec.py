@@ -169,6 +169,29 @@ def test_a_request_keeps_its_own_level_under_the_global_position_profile():
     assert estimator.position_alphas("new", 4) == pytest.approx([0.8] * 4, abs=0.03)
 
 
+def test_the_request_level_applies_only_where_it_predicts_better():
+    """Draft-like traffic (every request on one position profile) selects the global profile;
+    traffic whose requests differ (each at its own rate) keeps the level."""
+    rng = np.random.default_rng(5)
+    shared = AcceptanceEstimator()
+    for request in range(300):  # 5 steps each, all from the same profile
+        for accepted in _position_dependent(rng, [0.95, 0.9, 0.95, 0.1], 5):
+            shared.observe(request, 4, int(accepted))
+    shared.observe("unlucky", 4, 0)
+    shared.observe("unlucky", 4, 0)
+    assert not shared.uses_request_level
+    profile = shared.rates_at_positions(None, 4, request_level=False)
+    assert shared.position_alphas("unlucky", 4) == pytest.approx(profile)
+    # Negative control: the level model would have cut the unlucky request's rates by 15%+.
+    cut = shared.rates_at_positions("unlucky", 4, request_level=True)
+    assert all(rate < 0.85 * full for rate, full in zip(cut[:3], profile[:3]))
+    own_rates = AcceptanceEstimator()
+    for request in range(200):  # 20 steps each, at the request's own rate
+        for accepted in _truncated_geometric(rng, rng.uniform(0.05, 0.6), 4, 20):
+            own_rates.observe(request, 4, int(accepted))
+    assert own_rates.uses_request_level
+
+
 def _time_model(
     constant=0.01, per_token=1e-4, spec_overhead=0.0, draft=(0.0, 0.0, 0.0), catch_up=0.0
 ):

@@ -71,6 +71,25 @@ min(1, α_j · α_i / α), a main-effects model in which the global position pro
 shape and the request's pooled rate its level (a request's own counts per position are too
 few to estimate: it lives a few steps); with no position counts it is α_i.
 
+Whether the level applies is chosen online [reconstructed]. Before each verification is
+counted, both rate models, with the request's level and without it (the global α_j alone),
+score its outcome, and the one with the higher running log-likelihood is used. This is
+prequential model selection (Dawid 1984); the scores decay with the counts. The two proposers
+need different answers:
+  - A draft model's acceptance is mostly a property of the position. A request's pooled rate
+    over its few steps is then noise, and scaling every position by it compounds (level^k).
+    On the 2026-12-07 pair the level model scored −1.77 per verification against −1.38
+    without it (`benchmarks/acceptance_models.py`, fixed k = 8 traces). At load 0.9 it
+    expected 2.5 tokens per request at k = 4 where 3.2 came. SmartSpec then under-speculated
+    at batch 12-15 and ran at 1.16-1.23x the latency of k = 4; with the selection, 0.93-0.95x
+    (BENCHMARKS.md, SmartSpec, 2026-12-07).
+  - Prompt lookup's acceptance is a property of the request (the continuation is in the
+    prompt or it is not), and on those traces the level predicts better: −0.974 against −0.985.
+The log-likelihood also charges the level model for saturating: a level above 1 can lift a
+position's rate to exactly 1, and a rejection there scores log 1e-12. So when requests at
+rates near 1 share the traffic with poor ones, the global profile wins even though the
+requests differ.
+
 Selection (per step). Candidate items are proposal positions (i, j), j = 1..cap_i, with gain
 α_i1·…·α_ij (non-increasing in j); cap_i is K_max, or the n-gram proposal length (the n-gram
 proposer proposes first, for free, then SmartSpec decides how much to verify), or the tokens the
@@ -112,6 +131,7 @@ Deviations and reconstructions:
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import time
 from collections import deque
@@ -144,6 +164,9 @@ class AcceptanceEstimator:
         # Global, per position j = 1..: steps that reached j, and of those the ones accepting it.
         self._position_reached: list[float] = []
         self._position_accepted: list[float] = []
+        # Running log-likelihood of the verifications under each rate model (module docstring),
+        # keyed by whether the request's level scales its positions.
+        self._log_score = {True: 0.0, False: 0.0}
 
     def observe(self, request_id: object, drafted: int, accepted: int) -> None:
         """One verification: `accepted` of `drafted` proposals passed before the first rejection."""
@@ -151,6 +174,13 @@ class AcceptanceEstimator:
             raise ValueError(f"need 0 <= accepted <= drafted, got {accepted} of {drafted}")
         if drafted == 0:  # no proposal, no information
             return
+        for request_level in (True, False):  # scored before the counts learn from this outcome
+            rates = self.rates_at_positions(request_id, drafted, request_level)
+            likelihood = math.prod(rates[:accepted]) * (
+                1.0 - rates[accepted] if accepted < drafted else 1.0
+            )
+            score = self.decay * self._log_score[request_level]
+            self._log_score[request_level] = score + math.log(max(likelihood, 1e-12))
         rejected = float(accepted < drafted)
         self._accepted = self.decay * self._accepted + accepted
         self._rejections = self.decay * self._rejections + rejected
@@ -177,11 +207,22 @@ class AcceptanceEstimator:
         accepted, rejections = self._per_request.get(request_id, (0.0, 0.0))
         return _posterior_mean(accepted, rejections, global_alpha, self.prior_strength)
 
+    @property
+    def uses_request_level(self) -> bool:
+        """Whether `position_alphas` scales by the request's level: the rate model whose
+        predictions of the verifications so far score higher (ties keep the level)."""
+        return self._log_score[True] >= self._log_score[False]
+
     def position_alphas(self, request_id: object, k: int) -> list[float]:
-        """The request's acceptance rate at positions 1..k of a step: the global rate at each
-        position, scaled by the request's level (module docstring)."""
+        """The request's acceptance rate at positions 1..k of a step, under the rate model
+        that has predicted better so far (`uses_request_level`)."""
+        return self.rates_at_positions(request_id, k, self.uses_request_level)
+
+    def rates_at_positions(self, request_id: object, k: int, request_level: bool) -> list[float]:
+        """The global rate at each of positions 1..k, scaled by the request's level when
+        `request_level` (module docstring)."""
         global_alpha = self.alpha()
-        level = self.alpha(request_id) / max(global_alpha, 1e-12)
+        level = self.alpha(request_id) / max(global_alpha, 1e-12) if request_level else 1.0
         rates = []
         for j in range(k):
             reached, accepted = (
@@ -485,6 +526,7 @@ class SmartSpec:
             "spec_k_max": float(max(chosen, default=0)),
             "spec_k_mean": sum(chosen) / len(chosen) if chosen else 0.0,
             "spec_alpha": self.estimator.alpha(),
+            "spec_request_level": float(self.estimator.uses_request_level),
             "spec_goodput_predicted": expected / seconds,
             "spec_goodput_no_spec": no_spec_goodput,
             "spec_step_seconds_predicted": seconds,
