@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 from jobs import pretrain_lm
 from kiln.config import load_config
 from kiln.engine import SamplingParams
-from kiln.engine.smartspec import AcceptanceEstimator
+from kiln.engine.smartspec import AcceptanceEstimator, verification_likelihood
 from kiln.worlds.text import TextWorld
 
 MAX_K = 8
@@ -88,8 +88,7 @@ def replay(steps: list, estimator: AcceptanceEstimator) -> dict[str, float]:
             if not n:
                 continue
             rates = predicted[rid]
-            p = math.prod(rates[:accepted]) * (1.0 - rates[accepted] if accepted < n else 1.0)
-            log_likelihood += math.log(max(p, 1e-12))
+            log_likelihood += math.log(max(verification_likelihood(rates, accepted), 1e-12))
             expected = sum(itertools.accumulate(rates, operator.mul))  # Σ_j α_1·…·α_j
             squared_error += (expected - accepted) ** 2
             count += 1

@@ -148,6 +148,13 @@ def expected_generated(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def verification_likelihood(rates: Sequence[float], accepted: int) -> float:
+    """P(the first `accepted` of len(rates) proposals pass and the next, if any, is rejected)
+    when position j passes with probability rates[j] given the earlier ones passed."""
+    rejected = 1.0 - rates[accepted] if accepted < len(rates) else 1.0
+    return math.prod(rates[:accepted]) * rejected
+
+
 def _posterior_mean(accepted: float, rejections: float, prior: float, strength: float) -> float:
     return (accepted + strength * prior) / (accepted + rejections + strength)
 
@@ -176,9 +183,7 @@ class AcceptanceEstimator:
             return
         for request_level in (True, False):  # scored before the counts learn from this outcome
             rates = self.rates_at_positions(request_id, drafted, request_level)
-            likelihood = math.prod(rates[:accepted]) * (
-                1.0 - rates[accepted] if accepted < drafted else 1.0
-            )
+            likelihood = verification_likelihood(rates, accepted)
             score = self.decay * self._log_score[request_level]
             self._log_score[request_level] = score + math.log(max(likelihood, 1e-12))
         rejected = float(accepted < drafted)
