@@ -51,9 +51,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs import pretrain_lm
+from kiln import lm
 from kiln.config import load_config
 from kiln.engine import LLMEngine, SamplingParams
 from kiln.worlds.text import TextWorld
@@ -237,6 +238,16 @@ def main() -> None:
     world = TextWorld(load_config(pretrain_lm.PretrainLMConfig, "spec").world)
     prompts = [tokenizer(e.prompt).input_ids for e in world.split("test", args.requests)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    # The workload hinges on what the pair can do: a target that does not copy leaves prompt
+    # lookup and the draft little to be accepted, and one preset trained on two machines has
+    # copied at 1.00 and at 0.00 (BENCHMARKS.md, SmartSpec 2026-12-07).
+    test_examples = world.split("test")
+    skills = {
+        role: lm.task_accuracy(AutoModelForCausalLM.from_pretrained(path), tokenizer, test_examples)
+        for role, path in (("target", model), ("draft", draft))
+        if path is not None
+    }
+    print("held-out exact accuracy:", json.dumps(skills))
 
     baseline = make_engine(model, draft, "none", 0)
     baseline.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0))
@@ -279,6 +290,7 @@ def main() -> None:
         "requests": args.requests,
         "repeats": args.repeats,
         "max_tokens": args.max_tokens,
+        "accuracy": skills,
         "capacity_req_per_s": capacity,
         "loads": loads,
         "rates": rates,
@@ -287,6 +299,7 @@ def main() -> None:
     }
     (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     text = table(results, loads, rates) + "\n\n" + "\n".join(record["goals"]) + "\n"
+    text += f"\nheld-out exact accuracy: {json.dumps(skills)}\n"
     (args.out / "results.md").write_text(text)
     plot(results, rates, args.out / "latency_vs_rate.png")
     print(text)

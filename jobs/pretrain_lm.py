@@ -58,6 +58,13 @@ class PretrainLMConfig(JobConfig):
         description="Held-out arithmetic accuracy the preset promises; summary.json reports "
         "whether it was met (`meets_promise`).",
     )
+    min_copy_accuracy: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Held-out copy accuracy the preset promises, also part of `meets_promise` "
+        "(the SmartSpec pair: without copying, prompt lookup finds little to propose).",
+    )
 
     @model_validator(mode="after")
     def _block_fits_positions(self) -> PretrainLMConfig:
@@ -83,16 +90,20 @@ class PretrainLMConfig(JobConfig):
         # 12 layers did not learn to copy in 2400 steps (BENCHMARKS.md, SmartSpec). At lr 3e-3
         # and seed 0 the 8-layer target did not either on the 2026-12-03 machine (copy 0.00);
         # at lr 2e-3 and seed 1 it did (copy 1.00, arithmetic 0.98; its loss fell to 1.10
-        # where the other run's stayed at 1.25). Which of the two changes mattered is untested.
+        # where the other run's stayed at 1.25). The same 2400 steps on a 2026-12-07 machine
+        # gave copy 0.00 again (loss 1.18, every copied adjective turned into "green"); 3600
+        # steps there gave copy 1.00 (loss 1.00), so the target trains 1.5x as long.
         "spec": {
             "model": {"num_layers": 8},
             "world": {"mix": _SPEC_MIX},
-            "runner": {**_SPEC_SCHEDULE, "lr": 2e-3, "seed": 1},
+            "runner": {**_SPEC_SCHEDULE, "max_steps": 3600, "lr": 2e-3, "seed": 1},
+            "min_copy_accuracy": 0.9,
         },
         "spec_draft": {
             "model": _DRAFT_MODEL,
             "world": {"mix": _SPEC_MIX},
             "runner": _SPEC_SCHEDULE,
+            "min_copy_accuracy": 0.9,
         },
         "moe": {
             "model": {
@@ -189,8 +200,12 @@ def evaluate(config: PretrainLMConfig, run_dir: Path) -> dict[str, float]:
         for key, value in lm.task_accuracy(model, tokenizer, world.split(split)).items():
             metrics[f"{split}/{key}"] = value
     arithmetic = metrics.get("test/accuracy/arithmetic", 0.0)
+    copy = metrics.get("test/accuracy/copy", 0.0)
     metrics["promised_test_accuracy"] = config.min_test_accuracy
-    metrics["meets_promise"] = arithmetic >= config.min_test_accuracy
+    metrics["promised_copy_accuracy"] = config.min_copy_accuracy
+    metrics["meets_promise"] = (
+        arithmetic >= config.min_test_accuracy and copy >= config.min_copy_accuracy
+    )
     return metrics
 
 

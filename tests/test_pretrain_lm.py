@@ -62,3 +62,15 @@ def test_base_model_is_cached_by_config_hash(tiny_lm):
     assert again == tiny_lm and time.monotonic() - started < 10
     other = load_config(JOB.config_cls, "tiny", None, ["runner.seed=1"])
     assert other.fingerprint() != load_config(JOB.config_cls, "tiny").fingerprint()
+
+
+def test_meets_promise_needs_every_promised_task(tiny_lm, monkeypatch):
+    import jobs.pretrain_lm
+
+    scores = {"accuracy/arithmetic": 0.95, "accuracy/copy": 0.5, "accuracy": 0.7}
+    monkeypatch.setattr(jobs.pretrain_lm.lm, "task_accuracy", lambda *args: scores)
+    for arithmetic, copy, kept in [(0.9, 0.0, True), (0.9, 0.5, True), (0.9, 0.6, False),
+                                   (0.96, 0.0, False)]:  # fmt: skip
+        overrides = [f"min_test_accuracy={arithmetic}", f"min_copy_accuracy={copy}"]
+        config = load_config(JOB.config_cls, "tiny", overrides=overrides)
+        assert jobs.pretrain_lm.evaluate(config, tiny_lm)["meets_promise"] is kept, overrides
