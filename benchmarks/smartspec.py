@@ -21,11 +21,11 @@ and its fitted step-time model. Each (rate, policy) cell is measured `--repeats`
 interleaved: repeat r replays the arrivals of seed + r for every policy in an order rotated by
 r, so drift in the machine's speed hits every policy alike; a cell reports the median over
 repeats of the mean and of the p99 latency. Writes results.json, results.md (the table) and
-latency_vs_rate.png to --out, and prints the table with the issue's two goals checked and both
-models' held-out exact accuracy per task (the gains hinge on it: a target that does not copy
-leaves prompt lookup little to be accepted):
+latency_vs_rate.png to --out, and prints the table with the issue's two goals checked:
 SmartSpec within 5% of the best fixed policy at every rate, and at most 0.7x the
-no-speculation latency at the lowest rate.
+no-speculation latency at the lowest rate. It also prints and records both models' held-out
+exact accuracy per task: the gains hinge on it (a target that does not copy leaves prompt
+lookup little to be accepted).
 
 How the goals are judged: the best fixed policy is the one with the lowest median mean latency,
 and SmartSpec's ratio to it is the median over repeats of the paired ratio (the two serves of
