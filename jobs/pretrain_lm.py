@@ -23,13 +23,14 @@ from kiln.config import ConfigError, JobConfig, load_config
 from kiln.worlds.text import TextWorld, TextWorldConfig
 from kiln.worlds.tokenizer import train_tokenizer
 
-# The CPU presets share one schedule (the SmartSpec pair twice as long, below): 1200 steps of
+# The CPU presets share one schedule (the SmartSpec pair longer, below): 1200 steps of
 # 2 x 16 x 128 tokens, about 6 min on 2 cores.
 _CPU_SCHEDULE = {"max_steps": 1200, "lr": 3e-3, "warmup_steps": 50, "log_every": 20}
 _SPEC_MIX = {"arithmetic": 0.3, "recall": 0.2, "copy": 0.5}
-# Twice as long: copying (an induction skill) appears as a late drop in the loss (steps
-# 1400-2000 of a 2400-step run), so at 1200 steps whether the pair copied varied between runs
-# (BENCHMARKS.md, SmartSpec); the benchmark needs it to, or prompt lookup finds little.
+# Twice as long (the `spec` target 3x): copying (an induction skill) appears as a late drop in
+# the loss (steps 1400-2000 of a 2400-step run), so at 1200 steps whether the pair copied
+# varied between runs (BENCHMARKS.md, SmartSpec); the benchmark needs it to, or prompt lookup
+# finds little.
 _SPEC_SCHEDULE = {**_CPU_SCHEDULE, "max_steps": 2400}
 # The speculation drafts: half the tiny model's width and depth.
 _DRAFT_MODEL = {

@@ -181,8 +181,11 @@ class AcceptanceEstimator:
             raise ValueError(f"need 0 <= accepted <= drafted, got {accepted} of {drafted}")
         if drafted == 0:  # no proposal, no information
             return
-        for request_level in (True, False):  # scored before the counts learn from this outcome
-            rates = self.rates_at_positions(request_id, drafted, request_level)
+        profile = self._global_profile(drafted)  # one profile serves both rate models
+        for request_level, rates in (
+            (True, self._scaled_by_level(profile, request_id)),
+            (False, profile),
+        ):  # scored before the counts learn from this outcome
             likelihood = verification_likelihood(rates, accepted)
             score = self.decay * self._log_score[request_level]
             self._log_score[request_level] = score + math.log(max(likelihood, 1e-12))
@@ -226,18 +229,26 @@ class AcceptanceEstimator:
     def rates_at_positions(self, request_id: object, k: int, request_level: bool) -> list[float]:
         """The global rate at each of positions 1..k, scaled by the request's level when
         `request_level` (module docstring)."""
+        profile = self._global_profile(k)
+        return self._scaled_by_level(profile, request_id) if request_level else profile
+
+    def _global_profile(self, k: int) -> list[float]:
         global_alpha = self.alpha()
-        level = self.alpha(request_id) / max(global_alpha, 1e-12) if request_level else 1.0
-        rates = []
+        profile = []
         for j in range(k):
             reached, accepted = (
                 (self._position_reached[j], self._position_accepted[j])
                 if j < len(self._position_reached)
                 else (0.0, 0.0)
             )
-            shape = _posterior_mean(accepted, reached - accepted, global_alpha, self.prior_strength)
-            rates.append(min(1.0, shape * level))
-        return rates
+            profile.append(
+                _posterior_mean(accepted, reached - accepted, global_alpha, self.prior_strength)
+            )
+        return profile
+
+    def _scaled_by_level(self, profile: list[float], request_id: object) -> list[float]:
+        level = self.alpha(request_id) / max(self.alpha(), 1e-12)
+        return [min(1.0, rate * level) for rate in profile]
 
     def forget(self, request_id: object) -> None:
         self._per_request.pop(request_id, None)
