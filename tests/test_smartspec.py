@@ -11,6 +11,7 @@ from kiln.engine import smartspec
 from kiln.engine.smartspec import (
     AcceptanceEstimator,
     LinearTimeModel,
+    OutputLengthModel,
     SmartSpec,
     SpecCandidate,
     StepTimeModel,
@@ -397,3 +398,35 @@ def test_a_request_the_draft_must_catch_up_speculates_only_when_that_pays():
     free = _time_model(constant=0.01, per_token=1e-4, draft=(0.0, 1e-3, 0.0), catch_up=0.0)
     controller, _ = _controller(free, [0.8, 0.8], max_k=4)
     assert all(controller.choose([in_step, lagging]))
+
+
+def test_output_length_hazard_is_kaplan_meier_with_censoring():
+    """Four requests stopped at length 3 and four ran into max_tokens at 5: at 3 the hazard is
+    4 stops of 8 at risk (+1 pseudo-count); the capped ones are censored, not stops (negative
+    control: counting them as stops would give 4/5 at length 5)."""
+    lengths = OutputLengthModel()
+    assert lengths.continuation(0, 3) == [1.0, 1.0, 1.0]  # nothing seen: no discount
+    for _ in range(4):
+        lengths.observe(3, stopped=True)
+        lengths.observe(5, stopped=False)
+    lengths.observe(0, stopped=True)  # ended before a token (an error): ignored
+    assert lengths.hazard(3) == pytest.approx(4 / 9)
+    assert lengths.hazard(5) == 0.0 and lengths.hazard(2) == 0.0 and lengths.hazard(40) == 0.0
+    # Generated 1: proposals 1-3 are tokens 3-5, wanted unless the request stopped at 2, 3, 4.
+    assert lengths.continuation(1, 3) == pytest.approx([1.0, 5 / 9, 1.0])
+
+
+def test_smartspec_does_not_draft_past_where_requests_usually_stop():
+    """Requests of this workload stop at length 3. A request that has generated 1 token keeps
+    its next one (the step's own) and one draft; SmartSpec drafts 1. The same controller
+    without the stop data (negative control) drafts longer: α is high and a verified token
+    costs a tenth of the step."""
+    controller, _ = _controller(_time_model(constant=0.01, per_token=1e-3), [0.95])
+    request = [SpecCandidate(0, 100, 8, generated=1)]
+    unaware = controller.choose(request)[0]
+    assert unaware > 2
+    for _ in range(50):
+        controller.lengths.observe(3, stopped=True)
+    assert controller.choose(request) == [1]
+    # Past the usual stop nothing is known: back to the unaware choice.
+    assert controller.choose([SpecCandidate(0, 100, 8, generated=3)]) == [unaware]

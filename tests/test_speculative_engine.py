@@ -194,3 +194,19 @@ def test_proposers_are_told_the_requests_stop_tokens(models, prompts):
     states = {rid: engine._spec_state(r) for rid, r in engine.requests.items()}
     assert states["a"].stop_token_ids == {5, *eos}
     assert states["b"].stop_token_ids == frozenset()
+
+
+def test_smartspec_learns_output_lengths_from_finished_requests(models, prompts, reference):
+    """SmartSpec's stop model sees every finished request once: its output length, and
+    whether a stop ended it (a stop token here) or max_tokens did (censored)."""
+    engine = LLMEngine(models[0], block_size=4, max_num_seqs=8, proposer="ngram")
+    stop_tokens = [[ref[len(ref) // 2]] if i % 2 else [] for i, ref in enumerate(reference)]
+    params = [SamplingParams(max_tokens=MAX_NEW, temperature=0, stop_token_ids=stop)
+              for stop in stop_tokens]  # fmt: skip
+    outputs = engine.generate(prompts, params)
+    stops = [len(o.token_ids) for o in outputs if o.finish_reason == "stop"]
+    assert stops and len(stops) < len(outputs)  # both kinds of ending
+    lengths = engine.speculator.controller.lengths
+    for m in range(1, MAX_NEW + 2):
+        at_risk = sum(len(o.token_ids) >= m for o in outputs)
+        assert lengths.hazard(m) == pytest.approx(stops.count(m) / (at_risk + 1))

@@ -238,7 +238,7 @@ class LLMEngine:
         new_tokens = self._next_tokens(plan.scheduled, logits, proposals, states)
         forward_time = time.perf_counter() - forward_start
 
-        num_proposed, num_accepted, num_generated, finished = {}, {}, 0, []
+        num_proposed, num_accepted, num_generated, finished = {}, {}, 0, {}
         for s in plan.scheduled:
             req, rid = s.request, s.request.request_id
             req.num_computed_tokens += s.num_new_tokens
@@ -251,7 +251,7 @@ class LLMEngine:
             kept = self._append(req, tokens)
             num_generated += kept
             if req.finish_reason is not None:
-                finished.append(rid)
+                finished[rid] = (len(req.output_token_ids), req.finish_reason == "stop")
             if rid in proposals:
                 # A stop condition inside the accepted drafts ends the request there: the drafts
                 # after it were never needed, so the estimator sees the drafts up to the stop

@@ -365,6 +365,7 @@ class Speculator:
                 len(r.token_ids) - 1,
                 caps.get(r.request_id, 0),
                 0 if self.proposes_first else self.proposer.catch_up_tokens(r),
+                len(r.token_ids) - r.num_prompt_tokens,
             )
             for r in adaptive
         ]
@@ -411,6 +412,8 @@ class Speculator:
         for rid in stats.finished:  # free() ran before this step's counts arrived
             self.estimator.forget(rid)
         if self.controller is not None:
+            for length, stopped in stats.finished.values():
+                self.controller.lengths.observe(length, stopped)
             self.controller.observe_step(
                 list(stats.num_drafted.values()),
                 stats.num_batched_tokens,

@@ -84,7 +84,9 @@ class StepStats:
     propose_time_s: float
     forward_time_s: float  # target forward + verification/sampling
     step_time_s: float  # whole step wall time
-    finished: list[str] = field(default_factory=list)  # requests that ended this step (freed)
+    # Requests that ended this step (freed): output length (stop token included), and whether a
+    # stop condition ended it (False: max_tokens or the model's context did).
+    finished: dict[str, tuple[int, bool]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
