@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -398,6 +399,21 @@ def test_a_request_the_draft_must_catch_up_speculates_only_when_that_pays():
     free = _time_model(constant=0.01, per_token=1e-4, draft=(0.0, 1e-3, 0.0), catch_up=0.0)
     controller, _ = _controller(free, [0.8, 0.8], max_k=4)
     assert all(controller.choose([in_step, lagging]))
+
+
+def test_catching_up_is_charged_over_the_steps_a_request_has_left():
+    """Catching a lagging request up is paid once and serves all its later drafting steps. The
+    500-token catch-up of the test above, with 64 tokens left: a step's share is small and the
+    request drafts. Negative controls: with 5 tokens left, or when finished requests say it
+    stops at its third token, the share stays large and it does not."""
+    time_model = _time_model(constant=0.01, per_token=1e-4, draft=(0.0, 1e-3, 0.0), catch_up=1e-4)
+    controller, _ = _controller(time_model, [0.8], max_k=4)
+    long_lived = SpecCandidate(0, 100, 4, catch_up=500, generated=1, tokens_left=64)
+    assert controller.choose([long_lived])[0] > 0
+    assert controller.choose([dataclasses.replace(long_lived, tokens_left=5)]) == [0]
+    for _ in range(50):
+        controller.lengths.observe(3, stopped=True)
+    assert controller.choose([long_lived]) == [0]
 
 
 def test_output_length_hazard_is_kaplan_meier_with_censoring():

@@ -113,11 +113,21 @@ how much to verify), or the tokens the request may still emit minus one.
   - `per_request=True` (the brief's §7 extension, the default): add items in descending gain.
     Under a cost linear in Σk_i this is Dinkelbach's greedy and the best prefix is the optimum;
     with all α_i equal, ties enter together and it reduces to the uniform scan. A request's
-    catch-up u_i is paid when its first item enters (the greedy is then a heuristic, but every
-    prefix is still scored at its full cost).
+    catch-up share (below) is paid when its first item enters (the greedy is then a
+    heuristic, but every prefix is still scored at its full cost).
   - `per_request=False` (the published prototypes): one k for the whole batch, k = 0..K_max.
 G(0) is multiplied by `no_spec_bias` (1.1, V0's bias toward not speculating, covering
 unmodelled overhead and noise): k = 0 unless speculating is predicted to pay by that margin.
+
+Catch-up is an investment [reconstructed]. Catching request i up is paid once and lets it
+draft in this step and every later one, so a step is charged the share u_i / S_i, with S_i the
+steps it has left: the stop model's expected remaining tokens (at most `AMORTIZE_STEPS` steps'
+worth, and within max_tokens) over the tokens a step at its cap yields, at least 1. Why: charged
+in full to one step, a burst of new requests at high load (20 prompts of about 25 tokens) made
+the first drafting step look too dear, every plain step then added to the lag, and SmartSpec
+stayed plain: 14-52% of steps speculated at load 0.9 in some serving runs, at 1.1-1.2x the best
+fixed k's latency; with the share, 73-100% (BENCHMARKS.md, SmartSpec, 2026-12-07). The step time
+reported as `spec_step_seconds_predicted` is the charged one.
 
 Exploration. k = 0 is absorbing: a step that does not speculate observes no acceptance, so a
 prior (or a stale estimate) under which speculation does not pay is never corrected. After
@@ -295,6 +305,15 @@ class OutputLengthModel:
         if length >= len(self._at_risk):
             return 0.0
         return self._stopped[length] / (self._at_risk[length] + 1)
+
+    def expected_tokens(self, generated: int, horizon: int) -> float:
+        """Expected tokens a request that has generated `generated` will still emit, counting
+        at most `horizon`: Σ_j P(it wants token g + j), the first one certainly."""
+        total, going_on = 0.0, 1.0
+        for j in range(1, horizon + 1):
+            total += going_on
+            going_on *= 1.0 - self.hazard(generated + j)
+        return total
 
     def continuation(self, generated: int, k: int) -> list[float]:
         """Per proposal j = 1..k of a request that has generated `generated` tokens: the
@@ -492,6 +511,9 @@ def profile(
     return model
 
 
+AMORTIZE_STEPS = 8
+
+
 @dataclass(frozen=True)
 class SpecCandidate:
     """A decoding request in this step: its cached tokens, how many drafts it may verify, the
@@ -503,6 +525,7 @@ class SpecCandidate:
     max_k: int
     catch_up: int = 0
     generated: int = 0
+    tokens_left: int = 1  # max_tokens (or the context) allows this many more
 
 
 class SmartSpec:
@@ -573,12 +596,21 @@ class SmartSpec:
             step_seconds = self.time_model.speculating_step(
                 len(requests), context_tokens, other_tokens, self.drafting_cost
             )
-            expected, max_k, catch_up = float(len(requests)), 0, 0
+            # Catching a request up is paid once and lets it draft in every later step, so a
+            # step is charged its share: u_i over the steps it has left, E[tokens left] over
+            # the tokens a step at its cap yields (at most AMORTIZE_STEPS).
+            shares = []
+            for r, request_rates in zip(requests, rates):
+                per_step = 1.0 + sum(itertools.accumulate(request_rates, operator.mul))
+                horizon = min(r.tokens_left, math.ceil(AMORTIZE_STEPS * per_step))
+                steps = self.lengths.expected_tokens(r.generated, horizon) / per_step
+                shares.append(r.catch_up / max(1.0, steps))
+            expected, max_k, catch_up = float(len(requests)), 0, 0.0
             for position, (gain, level, request) in enumerate(items, 1):
                 expected += gain
                 max_k = max(max_k, level)
                 if level == 1:  # the request starts drafting: the draft catches it up first
-                    catch_up += requests[request].catch_up
+                    catch_up += shares[request]
                 if not self.per_request and position < len(items) and items[position][1] == level:
                     continue  # only complete levels
                 seconds = step_seconds(position, max_k, catch_up)

@@ -366,6 +366,7 @@ class Speculator:
                 caps.get(r.request_id, 0),
                 0 if self.proposes_first else self.proposer.catch_up_tokens(r),
                 len(r.token_ids) - r.num_prompt_tokens,
+                r.max_new_proposals + 1,
             )
             for r in adaptive
         ]
