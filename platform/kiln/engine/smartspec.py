@@ -83,9 +83,9 @@ finished request was at risk at lengths 1..L, and stopped at L if a stop conditi
 estimate is shrunk toward 0 by one pseudo-observation per length, so an unseen length (and a
 fresh engine) discounts nothing. Why: on our text world most requests end after 3-12 tokens,
 and at K_max = 8 SmartSpec predicted 15-20% more tokens than its steps kept; with the stop
-model its mean latency fell 2-4% at every load and proposer (same arrivals, 12 repeats each,
-BENCHMARKS.md, SmartSpec, 2026-12-07). The hazard is pooled over requests, not conditioned on
-the prompt.
+model its mean latency with the draft fell 2-4% at every load, and with n-gram moved by at
+most 2% either way (same arrivals, 12 repeats each, BENCHMARKS.md, SmartSpec, 2026-12-07).
+The hazard is pooled over requests, not conditioned on the prompt.
 
 Whether the level applies is chosen online [reconstructed]. Before each verification is
 counted, both rate models, with the request's level and without it (the global α_j alone),
@@ -511,6 +511,8 @@ def profile(
     return model
 
 
+# A catch-up is spread over at most this many steps: further out the stop model knows least,
+# and a share of 1/8 is already small next to a drafting step's fixed costs.
 AMORTIZE_STEPS = 8
 
 
@@ -518,7 +520,8 @@ AMORTIZE_STEPS = 8
 class SpecCandidate:
     """A decoding request in this step: its cached tokens, how many drafts it may verify, the
     draft's catch-up for it (tokens to feed beyond one before drafting; 0 for n-gram), and the
-    tokens it has generated so far (for the stop model)."""
+    tokens it has generated and may still generate (for the stop model and the catch-up
+    share)."""
 
     request_id: object
     context_len: int
@@ -601,6 +604,9 @@ class SmartSpec:
             # the tokens a step at its cap yields (at most AMORTIZE_STEPS).
             shares = []
             for r, request_rates in zip(requests, rates):
+                if not r.catch_up:  # in step with the draft (or n-gram): nothing to share
+                    shares.append(0.0)
+                    continue
                 per_step = 1.0 + sum(itertools.accumulate(request_rates, operator.mul))
                 horizon = min(r.tokens_left, math.ceil(AMORTIZE_STEPS * per_step))
                 steps = self.lengths.expected_tokens(r.generated, horizon) / per_step
