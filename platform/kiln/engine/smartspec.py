@@ -309,11 +309,8 @@ class OutputLengthModel:
     def expected_tokens(self, generated: int, horizon: int) -> float:
         """Expected tokens a request that has generated `generated` will still emit, counting
         at most `horizon`: Σ_j P(it wants token g + j), the first one certainly."""
-        total, going_on = 0.0, 1.0
-        for j in range(1, horizon + 1):
-            total += going_on
-            going_on *= 1.0 - self.hazard(generated + j)
-        return total
+        wanted = itertools.accumulate(self.continuation(generated, horizon - 1), operator.mul)
+        return 1.0 + sum(wanted)
 
     def continuation(self, generated: int, k: int) -> list[float]:
         """Per proposal j = 1..k of a request that has generated `generated` tokens: the
@@ -426,8 +423,8 @@ class StepTimeModel:
 
     def speculating_step(
         self, num_seqs: int, context_tokens: int, other_tokens: int = 0, drafting: bool = True
-    ) -> Callable[[int, int, int], float]:
-        """`predict` of speculating steps as a function of (Σk_i, max_i k_i, Σ u_i), the first
+    ) -> Callable[[int, int, float], float]:
+        """`predict` of speculating steps as a function of (Σk_i, max_i k_i, Σ catch-up), the first
         two ≥ 1: the batch's other features are folded in once, so SmartSpec scores every prefix
         of its proposal order with a few float operations (plain Python beats tensor ops here)."""
         if self.target.coefficients is None or (drafting and self.draft.coefficients is None):
@@ -437,7 +434,7 @@ class StepTimeModel:
         target_fixed += (c_seq + e_seq) * num_seqs + c_spec + e_0
         d_0, d_pass, d_token, d_up = self.draft.coefficients if drafting else (0.0,) * 4
 
-        def seconds(total_k: int, max_k: int, catch_up: int) -> float:
+        def seconds(total_k: int, max_k: int, catch_up: float) -> float:
             target = max(target_fixed + c_token * total_k, 1e-9)  # as LinearTimeModel.predict
             if not drafting:
                 return target
@@ -589,11 +586,8 @@ class SmartSpec:
         # level j across the batch at a time, scored only once the level is complete. Every
         # prefix of this order is a candidate choice; a request's positions enter in order j =
         # 1, 2, ..., so a prefix's max k_i is the running max of j.
-        items = [
-            (gain, j, i)
-            for i in range(len(requests))
-            for j, gain in enumerate(itertools.accumulate(rates[i], operator.mul), 1)
-        ]
+        gains = [list(itertools.accumulate(request_rates, operator.mul)) for request_rates in rates]
+        items = [(gain, j, i) for i in range(len(requests)) for j, gain in enumerate(gains[i], 1)]
         items.sort(key=(lambda it: (-it[0], it[2])) if self.per_request else (lambda it: it[1:]))
         if items:
             step_seconds = self.time_model.speculating_step(
@@ -603,11 +597,11 @@ class SmartSpec:
             # step is charged its share: u_i over the steps it has left, E[tokens left] over
             # the tokens a step at its cap yields (at most AMORTIZE_STEPS).
             shares = []
-            for r, request_rates in zip(requests, rates):
+            for r, request_gains in zip(requests, gains):
                 if not r.catch_up:  # in step with the draft (or n-gram): nothing to share
                     shares.append(0.0)
                     continue
-                per_step = 1.0 + sum(itertools.accumulate(request_rates, operator.mul))
+                per_step = 1.0 + sum(request_gains)
                 horizon = min(r.tokens_left, math.ceil(AMORTIZE_STEPS * per_step))
                 steps = self.lengths.expected_tokens(r.generated, horizon) / per_step
                 shares.append(r.catch_up / max(1.0, steps))
