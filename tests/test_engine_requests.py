@@ -171,6 +171,26 @@ def test_scheduler_budget_chunks_and_fcfs():
     assert plan == [("r0", 1, 2), ("r1", 3, 0)]  # r2 waits: max_num_seqs=2
 
 
+def test_lookahead_goes_to_requests_that_reach_their_last_token():
+    """Drafts can be verified wherever the last position is sampled: a decode or a prompt's
+    final chunk (a new admission included), within the budget; a partial chunk gets none.
+    ready_to_sample previews exactly the requests that reach their last token."""
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=3, max_num_batched_tokens=10)
+    for i, n in enumerate((5, 6, 3)):
+        scheduler.add(_request(f"r{i}", n, i))
+    assert [r.request_id for r in scheduler.ready_to_sample()] == ["r0"]  # 5 + 6 > 10
+    first = scheduler.schedule({"r0": 2, "r1": 2})
+    plan = [(s.request.request_id, s.num_new_tokens, s.num_lookahead) for s in first.scheduled]
+    assert plan == [("r0", 5, 2), ("r1", 3, 0)]  # r1: a 3-token chunk of 6, no drafts
+    r0, r1 = (s.request for s in first.scheduled)
+    r0.num_computed_tokens, r1.num_computed_tokens = 5, 3
+    r0.token_ids.append(42)
+    assert [r.request_id for r in scheduler.ready_to_sample()] == ["r0", "r1", "r2"]
+    second = scheduler.schedule({"r0": 1, "r1": 2, "r2": 4})
+    plan = [(s.request.request_id, s.num_new_tokens, s.num_lookahead) for s in second.scheduled]
+    assert plan == [("r0", 1, 1), ("r1", 3, 2), ("r2", 3, 0)]  # r2: the budget is spent
+
+
 def test_scheduler_preempts_latest_arrival_when_blocks_run_out():
     manager = BlockManager(4, 4)
     scheduler = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=64)

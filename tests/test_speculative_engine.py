@@ -70,6 +70,24 @@ def test_greedy_speculation_matches_hf_generate(models, prompts, reference, spec
         assert accepted < proposed  # a different model: rejections, hence KV rollbacks
 
 
+def test_the_prefill_step_verifies_drafts(models, prompts, reference):
+    """A prompt's last position is sampled like a decode's, so the step that prefills it can
+    verify drafts too. With the target as its own draft every greedy draft passes: the first
+    step emits k + 1 tokens per request (one without this), equal to Hugging Face's."""
+    target, _ = models
+    k = 3
+    engine = LLMEngine(target, draft_model=target, proposer="draft", speculation=k,
+                       block_size=4, max_num_seqs=8)  # fmt: skip
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    first = {out.request_id: out.token_ids for out in engine.step()}
+    assert engine.last_step_stats.num_drafted == {str(i): k for i in range(len(prompts))}
+    long_enough = [i for i, tokens in enumerate(reference) if len(tokens) > k]
+    assert long_enough, "every reference ends inside the first step"
+    for i in long_enough:
+        assert first[str(i)] == reference[i][: k + 1]
+
+
 def _accept_all(target_logits, draft_tokens):
     """A broken greedy verifier: every draft passes, plus the target's next token."""
     return [*draft_tokens, int(target_logits[len(draft_tokens)].argmax())]
@@ -166,12 +184,12 @@ def test_drafts_past_a_stop_are_not_credited(models, prompts, monkeypatch):
 
     free, generated, verified, accepted = run([[] for _ in prompts])
     assert generated == sum(len(o.token_ids) for o in free) and verified == accepted > 0
-    # Output 0 comes from the prefill step, then each step emits k drafts and one more token:
-    # stop at the first output position that is a draft's, with later drafts in its step.
+    # Every step, the prefill step included, emits k drafts and one more token: stop at the
+    # first output position that is a draft's, with later drafts in its step.
     stops = []
     for out in free:
         position = next(
-            (p for p in range(1, MAX_NEW) if 1 <= p % (k + 1) < k
+            (p for p in range(MAX_NEW) if p % (k + 1) < k - 1
              and out.token_ids[p] not in out.token_ids[:p]),
             None,
         )  # fmt: skip

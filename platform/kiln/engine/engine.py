@@ -17,6 +17,10 @@ prompt that is neither text nor token ids).
 Speculation (`proposer="draft"|"ngram"`) is delegated to a `Speculator` from
 `kiln.engine.spec_decode` (see `kiln.engine.speculation_api` for the contract); the engine
 reserves the lookahead slots, runs verification inside the same forward, and rolls back.
+Drafts go wherever the step samples a request's last position: decoding requests, and prompts
+whose final chunk runs, so a request's first step can already emit up to k + 1 tokens. Why:
+outputs here are short (most end after 3-12 tokens), and a request drafting from its second
+step on spent one of its 3-4 steps on a single token (BENCHMARKS.md, SmartSpec, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -207,9 +211,10 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         lookahead: dict[str, int] = {}
         if self.speculator is not None:
-            decoding = [self._spec_state(r) for r in self.scheduler.running if r.is_decoding]
-            limits = {s.request_id: s.max_new_proposals for s in decoding}
-            chosen = self.speculator.choose_k(decoding) if decoding else {}
+            # Decoding requests and prompts that end this step: both sample their last position.
+            ready = [self._spec_state(r) for r in self.scheduler.ready_to_sample()]
+            limits = {s.request_id: s.max_new_proposals for s in ready}
+            chosen = self.speculator.choose_k(ready) if ready else {}
             lookahead = {rid: max(0, min(k, limits[rid])) for rid, k in chosen.items() if k}
         plan = self.scheduler.schedule(lookahead)
         for rid in plan.preempted:
@@ -290,6 +295,7 @@ class LLMEngine:
             request_id=req.request_id,
             token_ids=req.token_ids,
             num_prompt_tokens=len(req.prompt_token_ids),
+            num_new_tokens=req.num_uncomputed_tokens,
             params=req.params,
             generator=req.generator,
             max_new_proposals=max(0, left - 1),

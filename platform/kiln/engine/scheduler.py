@@ -6,7 +6,9 @@ phase. Each request has `num_computed_tokens` (tokens whose KV is in the cache) 
 `num_tokens - num_computed_tokens` new tokens under a shared per-step token budget. A prompt
 longer than the budget is therefore prefilled in chunks over several steps (chunked prefill,
 Agrawal et al. "Sarathi", arXiv 2308.16369), and decodes (1 token, plus any speculative
-lookahead) ride in the same forward as prefill chunks.
+lookahead) ride in the same forward as prefill chunks. A prompt's final chunk may carry a
+lookahead too: its last position is sampled like a decode's, so drafts can be verified in the
+step that prefills it.
 
 Policy: first come, first served. Running requests are served in arrival order before any
 waiting request is admitted. When the KV cache has no block for a running request, the most
@@ -19,6 +21,7 @@ Waiting requests are admitted strictly in order: one that does not fit blocks th
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -67,9 +70,10 @@ class Request:
         return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
-    def is_decoding(self) -> bool:
-        """Everything but the newest token is in the KV cache (the speculation-ready state)."""
-        return self.num_tokens - self.num_computed_tokens == 1
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens not in the KV cache yet: 1 when decoding, more for a prompt (or a preempted
+        request's recompute) still to prefill."""
+        return self.num_tokens - self.num_computed_tokens
 
 
 @dataclass
@@ -102,9 +106,16 @@ class SchedulingPolicy(Protocol):
         """Queue a validated request."""
         ...
 
+    def ready_to_sample(self) -> list[Request]:
+        """The requests the next `schedule` would run to their last token (decoding, or ending
+        their prompt), whose last position is then sampled, so they may verify drafts: a
+        preview without lookahead, in scheduling order."""
+        ...
+
     def schedule(self, lookahead: dict[str, int]) -> SchedulerOutput:
         """Pick this step's work, reserving KV slots for it (and `lookahead[rid]` draft slots
-        for decoding requests, dropped before anyone is preempted for them)."""
+        for requests it runs to their last token, dropped before anyone is preempted for
+        them)."""
         ...
 
     def finish(self, request: Request) -> None:
@@ -152,6 +163,23 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
+    def ready_to_sample(self) -> list[Request]:
+        budget, ready = self.max_num_batched_tokens, []
+        admitted = max(0, self.max_num_seqs - len(self.running))
+        for req in itertools.chain(self.running, itertools.islice(self.waiting, admitted)):
+            budget -= req.num_uncomputed_tokens
+            if budget < 0:  # a partial chunk, and nothing after it runs
+                break
+            ready.append(req)
+        return ready
+
+    def _lookahead(self, req: Request, num_new: int, budget: int, lookahead: dict[str, int]) -> int:
+        """Draft slots for a request whose chunk reaches its last token (its last position is
+        sampled, so drafts can be verified: a decode, or the prompt's final chunk)."""
+        if num_new < req.num_uncomputed_tokens:
+            return 0
+        return min(lookahead.get(req.request_id, 0), budget - num_new)
+
     def schedule(self, lookahead: dict[str, int]) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
@@ -159,9 +187,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            num_lookahead = min(lookahead.get(req.request_id, 0), budget - num_new)
-            num_lookahead = num_lookahead if req.is_decoding else 0
+            num_new = min(req.num_uncomputed_tokens, budget)
+            num_lookahead = self._lookahead(req, num_new, budget, lookahead)
             while not self.block_manager.allocate(req.request_id, num_new + num_lookahead):
                 if num_lookahead:  # give up speculation before evicting anyone
                     num_lookahead = 0
@@ -182,12 +209,15 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[0]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.block_manager.allocate(req.request_id, num_new):
-                break
+            num_new = min(req.num_uncomputed_tokens, budget)
+            num_lookahead = self._lookahead(req, num_new, budget, lookahead)
+            if not self.block_manager.allocate(req.request_id, num_new + num_lookahead):
+                num_lookahead = 0  # as above: speculation goes first
+                if not self.block_manager.allocate(req.request_id, num_new):
+                    break
             self.waiting.popleft()
             req.status = Status.RUNNING
             bisect.insort(self.running, req, key=lambda r: r.arrival)
-            scheduled.append(ScheduledRequest(req, num_new, 0))
-            budget -= num_new
+            scheduled.append(ScheduledRequest(req, num_new, num_lookahead))
+            budget -= num_new + num_lookahead
         return SchedulerOutput(scheduled, preempted)

@@ -274,7 +274,8 @@ class DraftModelProposer:
 class Speculator:
     """The engine's `speculation_api.Speculator`: one proposer, a fixed k or SmartSpec.
 
-    Fixed k: every decoding request proposes min(k, its limit). SmartSpec: `calibrate` profiles
+    Fixed k: every request that samples its last position this step (a decode, or a prompt's
+    final chunk) proposes min(k, its limit). SmartSpec: `calibrate` profiles
     the target (and draft) at start-up, then `choose_k` picks goodput-maximising lengths each
     step (`kiln.engine.smartspec`). The n-gram proposer proposes first (up to max_k, free) so
     the choice can use each request's real proposal length; the draft model proposes after.
@@ -353,7 +354,9 @@ class Speculator:
             caps = {rid: len(p.token_ids) for rid, p in self._proposed.items()}
         adaptive = [r for r in requests if self._adaptive(r)]
         fixed = {r.request_id: caps.get(r.request_id, 0) for r in requests if not self._adaptive(r)}
-        other_tokens = sum(fixed.values()) + len(fixed)  # each decodes 1 + k tokens this step
+        # The step's tokens besides the adaptive requests' 1 + k: the fixed requests' drafts,
+        # and every request's prompt tokens beyond one in the step that prefills it.
+        other_tokens = sum(fixed.values()) + sum(r.num_new_tokens for r in requests) - len(adaptive)
         fixed = {rid: k for rid, k in fixed.items() if k}  # k = 0 is plain decoding: no entry
         if not adaptive:
             return fixed

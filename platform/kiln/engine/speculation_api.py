@@ -6,9 +6,11 @@ at four points of every step (shape after vLLM v1's drafter/rejection-sampler sp
 SmartSpec controller, arXiv 2406.14066):
 
     k = speculator.choose_k(states)            # per-request proposal length, 0 = plain decode
-    scheduler reserves 1 + k[rid] KV slots for each decoding request (its `num_lookahead`)
+    scheduler reserves k[rid] more KV slots (its `num_lookahead`) for each request it runs to
+        its last token: a decoding request, or a prompt whose final chunk runs this step
     proposals = speculator.propose(states, k)  # draft tokens, len(proposal) <= k[rid]
-    target forward over [last token, *draft tokens] -> logits for all 1 + len(draft) positions
+    target forward over [new tokens, *draft tokens] -> logits at the last new token and at
+        each draft (1 + len(draft) positions)
     tokens = speculator.verify(states, proposals, target_logits)
     engine appends tokens, rolls the target KV back past the accepted prefix, checks stops
     speculator.observe(StepStats(...))         # acceptance counts and measured step time
@@ -41,10 +43,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SpecRequestState:
-    """What speculation may read about one decoding request (never mutate the lists)."""
+    """What speculation may read about one request whose last position the next step samples
+    (a decoding request, or a prompt that ends this step); never mutate the lists."""
 
     request_id: str
-    token_ids: list[int]  # prompt + generated; the last token's KV is not in the cache yet
+    token_ids: list[int]  # prompt + generated; the last num_new_tokens are not in the KV cache
     num_prompt_tokens: int
     params: SamplingParams
     generator: torch.Generator  # the request's own RNG (seeded if params.seed is set)
@@ -52,6 +55,9 @@ class SpecRequestState:
     # Tokens that end the request (EOS unless ignore_eos, and params.stop_token_ids): a proposal
     # ends at one, since drafts after it could never be kept.
     stop_token_ids: frozenset[int] = frozenset()
+    # Tokens the target runs for this request before any draft: 1 when decoding, the rest of
+    # the prompt in the step that prefills it.
+    num_new_tokens: int = 1
 
 
 @dataclass
@@ -126,7 +132,7 @@ class Speculator(Protocol):
         ...
 
     def choose_k(self, requests: list[SpecRequestState]) -> dict[str, int]:
-        """Proposal length per decoding request; 0 (or a missing id) means a plain decode.
+        """Proposal length per request; 0 (or a missing id) means no drafts.
 
         The engine clips each value to `max_new_proposals` and to the step's token budget.
         """
