@@ -210,12 +210,14 @@ class LLMEngine:
         step_start = time.perf_counter()
         outputs, self._pending = self._pending, []
         lookahead: dict[str, int] = {}
+        ready: dict[str, SpecRequestState] = {}
         if self.speculator is not None:
             # Decoding requests and prompts that end this step: both sample their last position.
-            ready = [self._spec_state(r) for r in self.scheduler.ready_to_sample()]
-            limits = {s.request_id: s.max_new_proposals for s in ready}
-            chosen = self.speculator.choose_k(ready) if ready else {}
-            lookahead = {rid: max(0, min(k, limits[rid])) for rid, k in chosen.items() if k}
+            ready = {r.request_id: self._spec_state(r) for r in self.scheduler.ready_to_sample()}
+            chosen = self.speculator.choose_k(list(ready.values())) if ready else {}
+            lookahead = {
+                rid: max(0, min(k, ready[rid].max_new_proposals)) for rid, k in chosen.items() if k
+            }
         plan = self.scheduler.schedule(lookahead)
         for rid in plan.preempted:
             if self.speculator is not None:
@@ -224,7 +226,7 @@ class LLMEngine:
             return outputs
 
         propose_start = time.perf_counter()
-        proposals, states = self._propose(plan.scheduled)
+        proposals, states = self._propose(plan.scheduled, ready)
         forward_start = time.perf_counter()
         batch = []
         for s in plan.scheduled:
@@ -304,13 +306,13 @@ class LLMEngine:
             ),
         )
 
-    def _propose(self, scheduled: list[ScheduledRequest]):
+    def _propose(self, scheduled: list[ScheduledRequest], ready: dict[str, SpecRequestState]):
+        """Drafts for the requests given lookahead slots; `ready` holds their states (built for
+        choose_k this step: scheduling changes none of them)."""
         wanted = {s.request.request_id: s.num_lookahead for s in scheduled if s.num_lookahead}
         if not wanted:
             return {}, {}
-        states = {
-            s.request.request_id: self._spec_state(s.request) for s in scheduled if s.num_lookahead
-        }
+        states = {rid: ready[rid] for rid in wanted}
         proposals = self.speculator.propose(list(states.values()), wanted)
         # Never run more drafts than slots were reserved for; empty proposals are plain decodes.
         proposals = {

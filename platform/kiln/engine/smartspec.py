@@ -515,10 +515,10 @@ AMORTIZE_STEPS = 8
 
 @dataclass(frozen=True)
 class SpecCandidate:
-    """A decoding request in this step: its cached tokens, how many drafts it may verify, the
-    draft's catch-up for it (tokens to feed beyond one before drafting; 0 for n-gram), and the
-    tokens it has generated and may still generate (for the stop model and the catch-up
-    share)."""
+    """A request whose last position this step samples (a decode, or a prompt's final chunk):
+    its cached tokens, how many drafts it may verify, the draft's catch-up for it (tokens to
+    feed beyond one before drafting; 0 for n-gram), and the tokens it has generated and may
+    still generate (for the stop model and the catch-up share)."""
 
     request_id: object
     context_len: int
