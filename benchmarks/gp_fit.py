@@ -2,7 +2,7 @@
 
     python benchmarks/gp_fit.py [--base-run PATH] [--shots 16] [--repeats 5] [--threads 1]
 
-Features of the frozen models (CLIP image tower, VAE encoder, detector trunk of the
+Features of the frozen models (CLIP image tower, VAE encoder, both detector trunks of the
 `pretrain_diffusion` tiny base, or of `--base-run`) are computed once for a pool of
 training-split images and 512 test images (timed separately: both methods need them). Then,
 for `--repeats` draws of `--shots` shots of each of the 6 shape classes:
@@ -11,7 +11,7 @@ for `--repeats` draws of `--shots` shots of each of the 6 shape classes:
   lengthscales, noise and mean scale/offset, float64, exact Cholesky), then `predict` on the
   test images (posterior mean, variance and quadrature probabilities);
 - linear probe: scikit-learn logistic regression on the concatenated normalised features of the
-  same three models, fit then `predict_proba` on the same test images.
+  same four models, fit then `predict_proba` on the same test images.
 
 Prints medians (seconds) and accuracies as a markdown table and as JSON.
 """

@@ -11,7 +11,9 @@ shapes and the face, 6 classes; the world's container scenes count as the shape 
 Shots are drawn from `pool_size` training-split images, nested across shot counts (seed s, k
 shots = the first k of a per-class permutation); every method sees the same shots. Test images
 are the world's test split, and the "shifted" split is the same scenes drawn with
-`shifted_palette` (colours and backgrounds never seen by any model). Zero-shot prompts for a
+`shifted_palette` (colours and backgrounds drawn in no training image; the invariant
+detector's random recolouring of its training images is not aimed at them, though it spans
+colours like them, as colour augmentation does). Zero-shot prompts for a
 class are the world's captions of one object of that shape over every colour and background
 (24 per class), embedded by the CLIP text tower and averaged.
 
@@ -79,7 +81,12 @@ class GPFewShotConfig(JobConfig):
         "default: the cached `tiny` base.",
     )
     models: dict[str, str] = Field(
-        {"clip": "clip/model", "vae": "vae/model", "detector": "detector/model"},
+        {
+            "clip": "clip/model",
+            "vae": "vae/model",
+            "detector": "detector/model",
+            "invariant_detector": "invariant_detector/model",
+        },
         min_length=1,
         description="Kernel name -> model folder (relative to base_run, or absolute): a "
         "CLIPModel, a diffusers AutoencoderKL or any Hugging Face image model.",
@@ -224,20 +231,25 @@ def evaluate_methods(
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    methods = list(dict.fromkeys(row["method"] for row in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True)
+    others = [m for m in dict.fromkeys(row["method"] for row in rows) if m != "gp_ensemble"]
+    # More methods than colours: the second ten are dashed; the ensemble is black, on top.
+    styles = {
+        m: {"color": f"C{i % 10}", "ls": "-" if i < 10 else "--"} for i, m in enumerate(others)
+    }
+    styles["gp_ensemble"] = {"color": "black", "linewidth": 2.5, "zorder": 3}
     for ax, split in zip(axes, ("test", "shifted")):
-        for method in methods:
+        for method, style in styles.items():
             mine = [r for r in rows if r["method"] == method and r["split"] == split]
             ax.plot([r["shots"] for r in mine], [r["accuracy"] for r in mine], marker="o",
-                    label=method, linewidth=2.5 if method == "gp_ensemble" else 1.2)  # fmt: skip
+                    label=method, **{"linewidth": 1.2} | style)  # fmt: skip
         ax.set(xscale="log", xlabel="shots per class", title=f"{split} split")
         shots = sorted({r["shots"] for r in rows})
         ax.set_xticks(shots, [str(k) for k in shots])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (mean over seeds)")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

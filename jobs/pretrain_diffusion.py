@@ -1,9 +1,10 @@
-"""Pretrain the diffusion base on the shapes world: CLIP, VAE, concept detector, then the UNet.
+"""Pretrain the diffusion base on the shapes world: CLIP, VAE, two detectors, then the UNet.
 
     python -m jobs.pretrain_diffusion --preset tiny [--set schedules.unet.steps=4000 ...]
         [--output runs/diffusion]
-    python -m jobs.pretrain_diffusion --preset tiny --set 'stages=[clip,vae,detector]'
-        # the models the GP ensemble reads, without the UNet (a third of the time)
+    python -m jobs.pretrain_diffusion --preset tiny \
+        --set 'stages=[clip,vae,detector,invariant_detector]'
+        # the models the GP ensemble reads, without the UNet (about half the time)
 
 Each stage is its own run of the shared runner (Ray Train + DeepSpeed, resumable) in a
 sub-folder of the run directory; a re-run skips finished stages and resumes an interrupted one.
@@ -14,6 +15,8 @@ text encoder once, on the driver (both stay frozen, as in Stable Diffusion). The
     pipeline/    StableDiffusionPipeline.from_pretrained(...) loads it, no kiln import needed
     clip/model   CLIPModel + CLIPTokenizer (CLIP score, zero-shot classification)
     detector/model  ResNetForImageClassification, labels `attribute=value` (the ruler)
+    invariant_detector/model  the same class over the colour-free attributes, trained on
+                 randomly recoloured images (a palette-free feature extractor; the GP reads it)
     samples.png  a grid: held-out prompts across concepts (rows, listed in samples.txt) x seeds
     summary.json per-stage summaries and the evaluation of the pipeline on held-out prompts
                  (detector concept accuracy, CLIP score, Fréchet distance) at each guidance,
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from pydantic import Field, field_validator
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import AutoModelForImageClassification, CLIPTextModel, CLIPTokenizer
 
 from jobs.runner import Job, assets_dir, cached, check_config, cli, run
 from kiln.config import JobConfig, Section, load_config
@@ -42,7 +45,7 @@ from kiln.diffusion import base
 from kiln.diffusion.evaluate import Instrument, generate_images, save_grid
 from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld, ShapesWorldConfig
 
-STAGES = ("clip", "vae", "detector", "unet")
+STAGES = ("clip", "vae", "detector", "invariant_detector", "unet")
 
 
 class Schedule(Section):
@@ -61,6 +64,9 @@ class Schedules(Section):
     detector: Schedule = Field(
         Schedule(steps=1500, lr=2e-3, batch_size=64), description="Concept detector."
     )
+    invariant_detector: Schedule = Field(
+        Schedule(steps=1500, lr=2e-3, batch_size=64), description="Colour-invariant detector."
+    )
     unet: Schedule = Field(Schedule(steps=3600, lr=1e-3, batch_size=32), description="UNet.")
 
 
@@ -78,21 +84,22 @@ class Evaluation(Section):
 
 
 class PretrainDiffusionConfig(JobConfig):
-    """Train the shapes-world diffusion base: CLIP, VAE, concept detector and latent UNet."""
+    """Train the shapes-world diffusion base: CLIP, VAE, the detectors and the latent UNet."""
 
     world: ShapesWorldConfig = Field(default_factory=ShapesWorldConfig, description="World.")
     clip: base.ClipArch = Field(default_factory=base.ClipArch, description="Tiny CLIP.")
     vae: base.VaeArch = Field(default_factory=base.VaeArch, description="Tiny AutoencoderKL.")
     unet: base.UNetArch = Field(default_factory=base.UNetArch, description="Tiny UNet.")
     detector: base.DetectorArch = Field(
-        default_factory=base.DetectorArch, description="Concept detector."
+        default_factory=base.DetectorArch,
+        description="Concept detector (the colour-invariant detector has the same architecture).",
     )
     schedules: Schedules = Field(default_factory=Schedules, description="Per-stage schedules.")
-    stages: list[Literal["clip", "vae", "detector", "unet"]] = Field(
+    stages: list[Literal["clip", "vae", "detector", "invariant_detector", "unet"]] = Field(
         list(STAGES),
         min_length=1,
         description="Stages to train. 'unet' needs 'clip' and 'vae'; without it no pipeline is "
-        "assembled or evaluated (the GP ensemble reads only clip, vae and detector).",
+        "assembled or evaluated (the GP ensemble reads every stage but the UNet).",
     )
     evaluation: Evaluation = Field(default_factory=Evaluation, description="Final evaluation.")
 
@@ -280,6 +287,37 @@ def evaluate_detector(config: PretrainDiffusionConfig, stage_dir: Path) -> dict:
     return accuracy | {"test_accuracy/min": min(accuracy.values())}
 
 
+# ---- colour-invariant detector ----
+
+
+def build_invariant_detector(config: PretrainDiffusionConfig, stage_dir: Path):
+    return base.build_detector(config.detector, base.COLOUR_FREE)
+
+
+def invariant_detector_step(model, batch, config: PretrainDiffusionConfig):
+    logits = model(pixel_values=base.remap_colours(batch["pixel_values"])).logits
+    return base.detector_loss(logits, batch["labels"], base.COLOUR_FREE), {}
+
+
+def evaluate_invariant_detector(config: PretrainDiffusionConfig, stage_dir: Path) -> dict:
+    """Per-attribute accuracy on real held-out images, as drawn and recoloured at random."""
+    world = ShapesWorld(config.world)
+    scenes = world.scenes("test")
+    pixels = base.to_pixels(world.images(scenes))
+    model = AutoModelForImageClassification.from_pretrained(stage_dir / "model").eval()
+    torch.manual_seed(0)
+    accuracy = {}
+    with torch.no_grad():
+        for view, images in (("", pixels), ("recoloured_", base.remap_colours(pixels))):
+            blocks = base.attribute_logits(model(pixel_values=images).logits, base.COLOUR_FREE)
+            for name, block in blocks.items():
+                truth = torch.tensor([ATTRIBUTES[name].index(s.attributes[name]) for s in scenes])
+                accuracy[f"{view}test_accuracy/{name}"] = (
+                    (block.argmax(1) == truth).float().mean().item()
+                )
+    return accuracy
+
+
 # ---- UNet ----
 
 
@@ -394,6 +432,13 @@ JOBS = {
         build_dataset=world_images,
         step=detector_step,
         evaluate=evaluate_detector,
+    ),
+    "invariant_detector": _stage_job(
+        "invariant_detector",
+        build_model=build_invariant_detector,
+        build_dataset=world_images,
+        step=invariant_detector_step,
+        evaluate=evaluate_invariant_detector,
     ),
     "unet": _stage_job(
         "unet",

@@ -1,6 +1,6 @@
 """`python -m jobs.pretrain_diffusion` end to end, shortened, and `python -m jobs.generate`.
 
-The CLIP, VAE and detector stages are trained with their own hooks in a plain loop and left in
+The CLIP, VAE and both detector stages are trained with their own hooks in a plain loop and left in
 the run directory as finished stages (what the runner leaves); the command line then skips them,
 trains the UNet through Ray Train (2 workers, ZeRO-2), assembles the pipeline and evaluates it.
 A Ray Train run costs 30-70 s of fixed start-up on a 2-core machine, so one stage goes through
@@ -22,7 +22,9 @@ from jobs import generate
 from jobs.pretrain_diffusion import JOBS, PretrainDiffusionConfig, _stage_config, train
 from jobs.runner import check_config, cli, collate
 from kiln.config import ConfigError, load_config
+from kiln.diffusion.base import COLOUR_FREE, detector_loss, remap_colours, to_pixels
 from kiln.diffusion.evaluate import generate_images
+from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld
 
 OVERRIDES = [
     "world.train_size=256", "world.eval_size=48", "schedules.unet.steps=3",
@@ -56,7 +58,7 @@ def _finish_stage_without_ray(config: PretrainDiffusionConfig, run_dir, stage: s
 def base_run(ray_cluster, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("diffusion") / "run"
     config = load_config(PretrainDiffusionConfig, "tiny", None, OVERRIDES)
-    for stage in ("clip", "vae", "detector"):
+    for stage in ("clip", "vae", "detector", "invariant_detector"):
         _finish_stage_without_ray(config, run_dir, stage)
     argv = ["--preset", "tiny", "--output", str(run_dir)] + [f"--set={o}" for o in OVERRIDES]
     summary, _ = cli("pretrain_diffusion", PretrainDiffusionConfig, train, argv)
@@ -71,6 +73,9 @@ def test_stages_artifacts_and_evaluation(base_run):
         assert 0 <= scores["concept_accuracy"] <= 1 and scores["frechet_distance"] > 0
         assert "clip_score" in scores and "concept_accuracy/shape" in scores
     assert set(summary["detector"]) >= {f"test_accuracy/{a}" for a in ("shape", "face_quality")}
+    assert set(summary["invariant_detector"]) == {
+        f"{view}test_accuracy/{a}" for view in ("", "recoloured_") for a in COLOUR_FREE
+    }
     assert (run_dir / "samples.png").stat().st_size > 0
     # The UNet trained through Ray: every parameter moved from the runner's seeded init.
     torch.manual_seed(config.runner.seed)
@@ -116,6 +121,7 @@ def test_bad_stage_lists_are_refused(stages):
 def test_pipeline_folder_loads_in_plain_diffusers_without_kiln(base_run):
     run_dir, _, _ = base_run
     detector = str(run_dir / "detector" / "model")
+    invariant = str(run_dir / "invariant_detector" / "model")
     script = (
         "import sys; sys.modules['kiln'] = None\n"  # any kiln import would now fail
         "from diffusers import StableDiffusionPipeline\n"
@@ -126,10 +132,13 @@ def test_pipeline_folder_loads_in_plain_diffusers_without_kiln(base_run):
         f"CLIPModel.from_pretrained({str(run_dir / 'clip' / 'model')!r})\n"
         f"d = AutoModelForImageClassification.from_pretrained({detector!r})\n"
         "print(d.config.id2label[0])\n"
+        f"i = AutoModelForImageClassification.from_pretrained({invariant!r})\n"
+        "print(sorted({label.split('=')[0] for label in i.config.id2label.values()}))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(1, 32, 32, 3)" in result.stdout and "background=black" in result.stdout
+    assert str(sorted(COLOUR_FREE)) in result.stdout  # no colour or background labels
     # The folder holds exactly what the UNet stage exported (a round trip, not a re-init).
     pipeline = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline")
     exported = UNet2DConditionModel.from_pretrained(run_dir / "unet" / "model")
@@ -179,3 +188,43 @@ def test_generate_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "model_index.json" in result.stderr
+
+
+def test_remap_colours_changes_the_palette_and_keeps_the_layout():
+    world = ShapesWorld()
+    pixels = to_pixels(world.images(world.scenes("validation", 16)))
+    torch.manual_seed(0)
+    remapped = remap_colours(pixels)
+    assert remapped.shape == pixels.shape and remapped.abs().max() <= 1
+    # The palette moved: a no-op (or a mild jitter) fails this.
+    assert (remapped - pixels).abs().mean() > 0.2
+    for before, after in zip(pixels, remapped):
+        colours, region = before.flatten(1).T.unique(dim=0, return_inverse=True)
+        # One map per image: pixels that shared a colour still share one ...
+        for c in range(len(colours)):
+            members = after.flatten(1).T[region == c]
+            assert torch.allclose(members, members[0].expand_as(members))
+    # ... and each image gets its own map: copies of one image come out in different colours.
+    copies = remap_colours(pixels[:1].expand(16, -1, -1, -1))
+    assert len({tuple(copy[:, 0, 0].tolist()) for copy in copies}) == 16
+
+
+def test_the_invariant_detector_trains_on_recoloured_images_and_colour_free_labels():
+    config = load_config(PretrainDiffusionConfig, "tiny", None, OVERRIDES)
+    job = JOBS["invariant_detector"]
+    stage_config = _stage_config(config, "invariant_detector")
+    torch.manual_seed(0)
+    model = job.build_model(stage_config, None)
+    assert {label.split("=")[0] for label in model.config.id2label.values()} == set(COLOUR_FREE)
+    world = ShapesWorld()
+    scenes = world.scenes("validation", 8)
+    labels = torch.tensor([[ATTRIBUTES[a].index(s.attributes[a]) for a in ATTRIBUTES]
+                           for s in scenes])  # fmt: skip
+    batch = {"pixel_values": to_pixels(world.images(scenes)), "labels": labels}
+    torch.manual_seed(1)
+    loss, _ = job.step(model, batch, stage_config)
+    torch.manual_seed(1)
+    recoloured = model(pixel_values=remap_colours(batch["pixel_values"])).logits
+    assert torch.equal(loss, detector_loss(recoloured, labels, COLOUR_FREE))
+    plain = model(pixel_values=batch["pixel_values"]).logits
+    assert not torch.allclose(loss, detector_loss(plain, labels, COLOUR_FREE))  # it recolours

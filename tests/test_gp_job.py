@@ -9,6 +9,7 @@ import torch
 from jobs.gp_fewshot import GPFewShotConfig, class_prompts, train
 from jobs.runner import cli
 from kiln.diffusion.base import (
+    COLOUR_FREE,
     ClipArch,
     DetectorArch,
     VaeArch,
@@ -21,7 +22,8 @@ from kiln.gp import FeatureExtractor, FewShotClassifier
 from kiln.worlds.shapes import ShapesWorld
 
 METHODS = {"zero_shot", "linear_probe", "tip_adapter", "knn", "gp_zero_mean", "gp_ensemble"}
-METHODS |= {"gp_only_clip", "gp_only_vae", "gp_only_detector", "gp_ensemble_untempered"}
+METHODS |= {"gp_only_clip", "gp_only_vae", "gp_only_detector", "gp_only_invariant_detector"}
+METHODS |= {"gp_ensemble_untempered"}
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +47,8 @@ def base_run(tmp_path_factory):
     tokenizer.save_pretrained(root / "clip" / "model")
     build_vae(VaeArch(channels=[8, 8]), 32).save_pretrained(root / "vae" / "model")
     build_detector(DetectorArch(channels=[8])).save_pretrained(root / "detector" / "model")
+    invariant = build_detector(DetectorArch(channels=[8]), COLOUR_FREE)
+    invariant.save_pretrained(root / "invariant_detector" / "model")
     return root
 
 

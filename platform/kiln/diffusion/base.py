@@ -23,6 +23,12 @@ real checkpoints use, so every later method runs unchanged on SD-v1.x from a loc
 - A concept detector: `ResNetForImageClassification` (transformers) with one logit per
   attribute value, trained with one softmax cross-entropy per attribute of the shapes world
   (the label names are `attribute=value`, so the folder is self-describing).
+- A colour-invariant detector: the same ResNet predicting only the attributes that name no
+  colour (`COLOUR_FREE`), trained on images whose colours are remapped at random
+  (`remap_colours`). It is a feature extractor, not a ruler: its features carry shape, count
+  and layout but not the palette, as colour-jittered self-supervised models do (SimCLR,
+  arXiv 2002.05709). Why: every other model here encodes the palette, so a low-shot classifier
+  built on them (the GP ensemble) fails on unseen colours (BENCHMARKS.md, GP section).
 
 The tokenizer is a `CLIPTokenizer` whose BPE is fitted on the world's captions (every caption
 word becomes one token; unknown words fall back to characters).
@@ -48,6 +54,9 @@ from transformers import (
 
 from kiln.config import Section
 from kiln.worlds.shapes import ATTRIBUTES
+
+# The attributes whose values name no colour: what the colour-invariant detector predicts.
+COLOUR_FREE = tuple(name for name in ATTRIBUTES if "colour" not in name and name != "background")
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # SD-v1's noise schedule.
@@ -236,8 +245,10 @@ def diffusion_loss(
     return F.mse_loss(prediction, noise)
 
 
-def build_detector(arch: DetectorArch) -> ResNetForImageClassification:
-    labels = [f"{name}={value}" for name, values in ATTRIBUTES.items() for value in values]
+def build_detector(
+    arch: DetectorArch, attributes: tuple[str, ...] = tuple(ATTRIBUTES)
+) -> ResNetForImageClassification:
+    labels = [f"{name}={value}" for name in attributes for value in ATTRIBUTES[name]]
     config = ResNetConfig(
         embedding_size=arch.channels[0],
         hidden_sizes=list(arch.channels),
@@ -251,12 +262,36 @@ def build_detector(arch: DetectorArch) -> ResNetForImageClassification:
     return ResNetForImageClassification(config)
 
 
-def attribute_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Split the detector's logits into one block per attribute (ATTRIBUTES order)."""
-    return dict(zip(ATTRIBUTES, logits.split([len(v) for v in ATTRIBUTES.values()], dim=1)))
+def attribute_logits(
+    logits: torch.Tensor, attributes: tuple[str, ...] = tuple(ATTRIBUTES)
+) -> dict[str, torch.Tensor]:
+    """Split a detector's logits into one block per attribute it predicts."""
+    return dict(zip(attributes, logits.split([len(ATTRIBUTES[a]) for a in attributes], dim=1)))
 
 
-def detector_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """labels: [N, n_attributes] value indices; the sum of one cross-entropy per attribute."""
-    blocks = attribute_logits(logits).values()
-    return sum(F.cross_entropy(block, labels[:, i]) for i, block in enumerate(blocks))
+def detector_loss(
+    logits: torch.Tensor, labels: torch.Tensor, attributes: tuple[str, ...] = tuple(ATTRIBUTES)
+) -> torch.Tensor:
+    """labels: [N, len(ATTRIBUTES)] value indices; one cross-entropy per predicted attribute."""
+    columns = list(ATTRIBUTES)
+    blocks = attribute_logits(logits, attributes)
+    return sum(F.cross_entropy(block, labels[:, columns.index(a)]) for a, block in blocks.items())
+
+
+def remap_colours(pixels: torch.Tensor) -> torch.Tensor:
+    """A random colour map per image, for pixels [N, 3, H, W] in [-1, 1].
+
+    Per image: a channel permutation, then per channel a gain of ±[0.4, 1.2] (negative with
+    probability 0.3: an inversion) and an offset in [-0.4, 0.4]; greyscale with probability 0.2.
+    Every pixel of an image goes through the same map, so shapes and layout are kept and pixels
+    of one colour stay one colour; only which colour changes. Uses torch's global generator.
+    """
+    n = len(pixels)
+    order = torch.argsort(torch.rand(n, 3), dim=1)
+    remapped = torch.gather(pixels, 1, order[:, :, None, None].expand_as(pixels))
+    sign = torch.where(torch.rand(n, 3, 1, 1) < 0.3, -1.0, 1.0)
+    gain = torch.empty(n, 3, 1, 1).uniform_(0.4, 1.2) * sign
+    remapped = remapped * gain + torch.empty(n, 3, 1, 1).uniform_(-0.4, 0.4)
+    grey = torch.rand(n, 1, 1, 1) < 0.2
+    remapped = torch.where(grey, remapped.mean(1, keepdim=True).expand_as(remapped), remapped)
+    return remapped.clamp(-1, 1)
