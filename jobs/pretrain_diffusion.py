@@ -4,7 +4,7 @@
         [--output runs/diffusion]
     python -m jobs.pretrain_diffusion --preset tiny \
         --set 'stages=[clip,vae,detector,invariant_detector]'
-        # the models the GP ensemble reads, without the UNet (about half the time)
+        # the models the GP ensemble reads, without the UNet (the longest stage)
 
 Each stage is its own run of the shared runner (Ray Train + DeepSpeed, resumable) in a
 sub-folder of the run directory; a re-run skips finished stages and resumes an interrupted one.
