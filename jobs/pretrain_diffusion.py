@@ -305,16 +305,20 @@ def evaluate_invariant_detector(config: PretrainDiffusionConfig, stage_dir: Path
     scenes = world.scenes("test")
     pixels = base.to_pixels(world.images(scenes))
     model = AutoModelForImageClassification.from_pretrained(stage_dir / "model").eval()
-    torch.manual_seed(0)
+    truth = {
+        name: torch.tensor([ATTRIBUTES[name].index(s.attributes[name]) for s in scenes])
+        for name in base.COLOUR_FREE
+    }
+    with torch.random.fork_rng():  # a fixed recolouring, without touching the caller's RNG
+        torch.manual_seed(0)
+        recoloured = base.remap_colours(pixels)
     accuracy = {}
     with torch.no_grad():
-        for view, images in (("", pixels), ("recoloured_", base.remap_colours(pixels))):
+        for view, images in (("", pixels), ("recoloured_", recoloured)):
             blocks = base.attribute_logits(model(pixel_values=images).logits, base.COLOUR_FREE)
             for name, block in blocks.items():
-                truth = torch.tensor([ATTRIBUTES[name].index(s.attributes[name]) for s in scenes])
-                accuracy[f"{view}test_accuracy/{name}"] = (
-                    (block.argmax(1) == truth).float().mean().item()
-                )
+                correct = (block.argmax(1) == truth[name]).float().mean().item()
+                accuracy[f"{view}test_accuracy/{name}"] = correct
     return accuracy
 
 
