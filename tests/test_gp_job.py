@@ -5,6 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModel,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTokenizer,
+    ViTConfig,
+    ViTImageProcessor,
+    ViTModel,
+)
 
 from jobs.gp_fewshot import GPFewShotConfig, class_prompts, train
 from jobs.runner import cli
@@ -17,6 +27,7 @@ from kiln.diffusion.base import (
     build_detector,
     build_tokenizer,
     build_vae,
+    to_pixels,
 )
 from kiln.gp import FeatureExtractor, FewShotClassifier
 from kiln.worlds.shapes import ShapesWorld
@@ -94,6 +105,55 @@ def test_classifier_save_load_round_trip_and_bad_images(base_run, tmp_path):
         fitted.predict(small)
     with pytest.raises(ValueError, match=r"images: expected uint8 \[N, 32, 32, 3\]"):
         fitted.predict(images.astype(np.float32))
+
+
+def test_folders_with_an_image_processor_get_their_own_preprocessing(base_run, tmp_path):
+    """Real checkpoints ship a processor (resize, crop, mean/std): the extractor must use it."""
+    torch.manual_seed(0)
+    clip_dir, vit_dir = tmp_path / "clip", tmp_path / "vit"
+    clip = CLIPModel.from_pretrained(base_run / "clip" / "model")
+    clip.save_pretrained(clip_dir)
+    CLIPTokenizer.from_pretrained(base_run / "clip" / "model").save_pretrained(clip_dir)
+    clip_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    clip_processor.save_pretrained(clip_dir)
+    vit = ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=32)).eval()  # fmt: skip
+    vit.save_pretrained(vit_dir)
+    vit_processor = ViTImageProcessor(
+        size={"height": 16, "width": 16}, image_mean=[0.2, 0.3, 0.4], image_std=[0.1, 0.2, 0.3]
+    )
+    vit_processor.save_pretrained(vit_dir)
+    plain = base_run / "detector" / "model"  # no processor: kiln's [-1, 1] convention
+    models = {"clip": clip_dir, "vit": vit_dir, "detector": plain}
+    extractor = FeatureExtractor(clip_dir, models, class_prompts())
+    world = ShapesWorld()
+    scenes = world.scenes("validation", 30)
+    images = world.images(scenes)  # 32 x 32: the ViT only reads 16 x 16, via its processor
+    features, zero_shot = extractor(images)
+
+    with torch.no_grad():
+        vit_pixels = vit_processor(list(images), return_tensors="pt").pixel_values
+        expected_vit = vit(pixel_values=vit_pixels).pooler_output
+        clip_pixels = clip_processor(list(images), return_tensors="pt").pixel_values
+        expected_clip = clip.get_image_features(pixel_values=clip_pixels).pooler_output
+        kiln_pixels = to_pixels(images)
+        expected_detector = AutoModel.from_pretrained(plain)(pixel_values=kiln_pixels)
+        unprocessed_clip = clip.get_image_features(pixel_values=kiln_pixels).pooler_output
+    torch.testing.assert_close(features["vit"], expected_vit)
+    torch.testing.assert_close(features["clip"], expected_clip)
+    torch.testing.assert_close(features["detector"], expected_detector.pooler_output.flatten(1))
+    expected_scores = F.normalize(expected_clip, dim=-1) @ extractor.class_embeddings.T
+    torch.testing.assert_close(zero_shot, expected_scores)
+    # Negative control: kiln's convention would give the CLIP other embeddings and scores.
+    assert not torch.allclose(features["clip"], unprocessed_clip, atol=1e-3)
+    unprocessed_scores = F.normalize(unprocessed_clip, dim=-1) @ extractor.class_embeddings.T
+    assert not torch.allclose(zero_shot, unprocessed_scores, atol=1e-3)
+
+    names = list(class_prompts())
+    labels = torch.tensor([names.index(s.attributes["shape"]) for s in scenes])
+    FewShotClassifier.fit(extractor, images, labels, iterations=2).save(tmp_path / "classifier")
+    reloaded = FewShotClassifier.load(tmp_path / "classifier")
+    torch.testing.assert_close(reloaded.extractor(images)[0]["vit"], expected_vit)
 
 
 def test_bad_config_is_refused_before_any_work(base_run, tmp_path, capsys):

@@ -7,10 +7,17 @@ A model is any folder on disk, recognised by its config:
   imported only when such a folder is used);
 - any other Hugging Face image model `AutoModel` loads (ResNet, ViT, DINO, ...; a
   `...ForImageClassification` folder gives its trunk): its pooled output, flattened.
-Every model receives the same pixels, [N, 3, H, W] in [-1, 1] at the world's resolution (the
-convention of `kiln.diffusion.base.to_pixels`, which is not imported because that module pulls
-in diffusers), which is what kiln's models were trained on; a model trained with another
-preprocessing (e.g. ImageNet statistics) would need its own image processor.
+Pixels: a folder with an image processor (`preprocessor_config.json`, what a real checkpoint
+such as openai/clip-vit-base-patch32 or facebook/dinov2-small ships) gets its images through
+`AutoImageProcessor` (its resize, crop and mean/std). A folder without one gets kiln's
+convention, [N, 3, H, W] in [-1, 1] at the input resolution (that of
+`kiln.diffusion.base.to_pixels`, not imported because that module pulls in diffusers), which
+is what kiln's own models were trained on. Input images are uint8 [N, S, S, 3] with S the CLIP's
+`image_size`, the resolution its vision tower (or its processor) expects.
+A timm folder (a config.json with `architecture`) goes through transformers' `TimmWrapperModel`,
+which needs the `timm` package: kiln does not depend on it (timm needs torchvision, and the
+package index has no torchvision build that imports with this CPU torch), so that path is
+untested here, and without timm transformers says to install it.
 """
 
 from __future__ import annotations
@@ -21,29 +28,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, CLIPModel, CLIPTokenizer
+from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPTokenizer
 
 from kiln.gp.ensemble import GPEnsemble, Prediction, fit_gp
 
 BATCH = 256
 
 
-def load_feature_model(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """pixels [N, 3, H, W] -> features [N, D] for the model saved in `path`."""
+def pixel_values(path: Path) -> Callable[[np.ndarray], torch.Tensor]:
+    """uint8 images [N, H, W, 3] -> the pixel_values of the model saved in `path` (see the
+    module docstring: its own image processor when the folder has one, else [-1, 1])."""
+    if (Path(path) / "preprocessor_config.json").is_file():
+        processor = AutoImageProcessor.from_pretrained(path)
+        return lambda images: processor(list(images), return_tensors="pt").pixel_values
+    return lambda images: torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def load_feature_model(path: Path) -> Callable[[np.ndarray], torch.Tensor]:
+    """uint8 images [N, H, W, 3] -> features [N, D] of the model saved in `path`."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"model {str(path)!r}: expected a saved model folder with config.json")
     config = json.loads(config_file.read_text())
+    pixels = pixel_values(path)
     if config.get("_class_name") == "AutoencoderKL":
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(path).eval()
-        return lambda pixels: vae.encode(pixels).latent_dist.mean.flatten(1)
+        return lambda images: vae.encode(pixels(images)).latent_dist.mean.flatten(1)
     if config.get("model_type") == "clip":
         clip = CLIPModel.from_pretrained(path).eval()
-        return lambda pixels: clip.get_image_features(pixel_values=pixels).pooler_output
+        return lambda images: clip.get_image_features(pixel_values=pixels(images)).pooler_output
     model = AutoModel.from_pretrained(path).eval()
-    return lambda pixels: model(pixel_values=pixels).pooler_output.flatten(1)
+    return lambda images: model(pixel_values=pixels(images)).pooler_output.flatten(1)
 
 
 class FeatureExtractor:
@@ -62,6 +79,7 @@ class FeatureExtractor:
         self.image_size = self.clip.config.vision_config.image_size
         self.logit_scale = self.clip.logit_scale.exp().item()
         self.models = {name: load_feature_model(path) for name, path in self.model_dirs.items()}
+        self.clip_pixels = pixel_values(clip_dir)
         tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
         with torch.no_grad():
             heads = []
@@ -87,11 +105,14 @@ class FeatureExtractor:
                 f"images: expected uint8 [N, {size}, {size}, 3] (the CLIP's image_size), got "
                 f"{tuple(np.shape(images))} {np.asarray(images).dtype}"
             )
-        pixels = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        chunks = pixels.split(BATCH)
+        images = np.asarray(images)
+        chunks = [images[start : start + BATCH] for start in range(0, len(images), BATCH)]
         features = {name: torch.cat([f(x) for x in chunks]) for name, f in self.models.items()}
         embeddings = torch.cat(
-            [self.clip.get_image_features(pixel_values=chunk).pooler_output for chunk in chunks]
+            [
+                self.clip.get_image_features(pixel_values=self.clip_pixels(chunk)).pooler_output
+                for chunk in chunks
+            ]
         )
         zero_shot = torch.nn.functional.normalize(embeddings, dim=-1) @ self.class_embeddings.T
         return features, zero_shot
