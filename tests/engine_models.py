@@ -5,22 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from kiln.worlds.text import TextWorld
 from kiln.worlds.tokenizer import train_tokenizer
 
 
-def build_tiny_llama(path: Path, seed: int = 0, max_positions: int = 96) -> Path:
+def build_tiny_llama(path: Path, seed: int = 0, max_positions: int = 96, **overrides) -> Path:
     """Save a 2-layer GQA Llama (hidden 48) and a 256-token BPE tokenizer to `path`.
 
     A large initializer range makes next-token distributions peaked, so greedy choices are not
-    near-ties that float rounding could flip between two correct implementations.
+    near-ties that float rounding could flip between two correct implementations. `overrides`
+    are config fields; `model_type="mistral"` builds a Mistral instead.
     """
     texts = [e.text for e in TextWorld().split("train", 300)]
     tokenizer = train_tokenizer(texts, vocab_size=256)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    mistral = overrides.pop("model_type", "llama") == "mistral"
+    config = (MistralConfig if mistral else LlamaConfig)(
         vocab_size=len(tokenizer),
         hidden_size=48,
         intermediate_size=96,
@@ -32,8 +40,14 @@ def build_tiny_llama(path: Path, seed: int = 0, max_positions: int = 96) -> Path
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **overrides,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = (MistralForCausalLM if mistral else LlamaForCausalLM)(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):  # HF initialises them to zero; a real checkpoint's are not
+                parameter.normal_(0, config.initializer_range)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -7,6 +7,7 @@ comparison has teeth: a runner that forgets one KV block, and one whose decode p
 by one, both fail it.
 """
 
+import json
 import random
 import subprocess
 import sys
@@ -111,6 +112,53 @@ def test_negative_control_decode_rope_off_by_one_is_caught(
     monkeypatch.setattr(model_runner.ModelRunner, "_flatten", shifted_decode_positions)
     _, tokens = run(model_dir, prompts)
     assert tokens != reference
+
+
+# Config features of real checkpoints, each with the config change that turns it off.
+REAL_CHECKPOINT_VARIANTS = {
+    # Llama 3.1+: llama3 rope scaling and a large theta; Llama 3.2 1B/3B tie the embeddings.
+    "llama3_rope_tied_embeddings": (
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            "tie_word_embeddings": True,
+        },
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+    ),
+    # head_dim apart from hidden / heads (as in Mistral-Nemo), q/k/v/o and MLP biases.
+    "head_dim_and_biases": (
+        {"head_dim": 16, "attention_bias": True, "mlp_bias": True},
+        {"attention_bias": False, "mlp_bias": False},
+    ),
+    # Mistral v0.1: keys more than sliding_window positions back are masked.
+    "mistral_sliding_window": (
+        {"model_type": "mistral", "sliding_window": 8},
+        {"sliding_window": None},
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", REAL_CHECKPOINT_VARIANTS)
+def test_real_checkpoint_config_variants_match_hf_generate(variant, prompts, tmp_path):
+    features, feature_off = REAL_CHECKPOINT_VARIANTS[variant]
+    path = build_tiny_llama(tmp_path, **features)
+    reference = hf_greedy(path, prompts, MAX_NEW)  # stops at EOS, so the engine does too
+    until_eos = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+    for options in ({"max_num_batched_tokens": 16}, {"attention": "flex"}):  # 16: chunked prefill
+        engine = LLMEngine(path, block_size=4, **options)
+        assert [o.token_ids for o in engine.generate(prompts, until_eos)] == reference
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    # Negative control: without the feature HF answers differently, so an engine that ignored
+    # it would fail the comparison above.
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | feature_off))
+    assert hf_greedy(path, prompts, MAX_NEW) != reference
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

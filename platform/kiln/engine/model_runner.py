@@ -22,6 +22,8 @@ Attention backends:
 - "flex" (GPU; also runs eagerly on CPU): `flex_attention` directly over the whole paged cache
   with a block mask "query t may read slot s iff s holds a position <= t's position of t's own
   request", so no keys are gathered and foreign blocks are skipped.
+A config's `sliding_window` (Mistral v0.1) adds "and fewer than `sliding_window` positions
+back" to both masks, as Hugging Face's sliding-window causal mask does.
 Decode-only steps on CUDA replay CUDA graphs captured per batch-size bucket (`cuda_graphs=True`),
 removing the kernel-launch overhead that dominates small-batch decoding. The graphs use the
 sdpa path with keys padded to the model's context length so every shape is static.
@@ -109,6 +111,10 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
         self.max_model_len = config.max_position_embeddings
+        # Mistral v0.1's sliding window: a query sees its last `window` positions. Without one,
+        # every earlier position (no query is max_model_len past its first key). Older keys stay
+        # cached and are masked, so the window saves no memory.
+        self.window = getattr(config, "sliding_window", None) or self.max_model_len
         self.attention = attention
         shape = ((num_blocks + 1) * block_size, self.num_kv_heads, self.head_dim)
         self.k_cache = [
@@ -241,7 +247,8 @@ class ModelRunner:
         q_index = torch.tensor(starts)[:, None] + offset
         q_pos = start_pos[:, None] + offset
         # key <= query position also keeps every key inside the request's own context.
-        mask = key_pos[None, None, :] <= q_pos[:, :, None]
+        key_pos, q_pos = key_pos[None, None, :], q_pos[:, :, None]
+        mask = (key_pos <= q_pos) & (key_pos > q_pos - self.window)
         tensors = {
             "q_index": q_index,
             "kv_slots": kv_slots,
@@ -291,8 +298,11 @@ class ModelRunner:
         q_owner = torch.tensor(q_owner, device=self.device)
         q_pos = torch.tensor(q_pos, device=self.device)
 
+        window = self.window
+
         def own_causal(b, h, q_idx, kv_idx):
-            return (slot_owner[kv_idx] == q_owner[q_idx]) & (slot_pos[kv_idx] <= q_pos[q_idx])
+            key, query = slot_pos[kv_idx], q_pos[q_idx]
+            return (slot_owner[kv_idx] == q_owner[q_idx]) & (key <= query) & (key > query - window)
 
         return create_block_mask(
             own_causal, None, None, len(q_pos), num_slots, device=self.device.type
