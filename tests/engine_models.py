@@ -55,12 +55,9 @@ def build_tiny_llama(path: Path, seed: int = 0, max_positions: int = 96, **overr
 def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Reference: Hugging Face `generate`, one prompt at a time (no padding effects)."""
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    eos = model.config.eos_token_id
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
-        out = model.generate(
-            ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0
-        )
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
         outputs.append(out[0, len(prompt) :].tolist())
     return outputs

@@ -9,12 +9,14 @@ by one, both fail it.
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from engine_models import build_tiny_llama, hf_greedy
+from transformers import GenerationConfig
 
 from conftest import REPO
 from kiln.engine import LLMEngine, SamplingParams
@@ -159,6 +161,20 @@ def test_real_checkpoint_config_variants_match_hf_generate(variant, prompts, tmp
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(config | feature_off))
     assert hf_greedy(path, prompts, MAX_NEW) != reference
+
+
+def test_generation_config_eos_ids_stop_like_hf_generate(model_dir, prompts, reference, tmp_path):
+    # Llama 3 Instruct: generation_config.json lists EOS ids that config.json does not.
+    shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
+    stop = reference[3][5]  # a token greedy decoding emits, not config.json's EOS
+    eos = json.loads((model_dir / "config.json").read_text())["eos_token_id"]
+    GenerationConfig(eos_token_id=[stop, eos], pad_token_id=0).save_pretrained(tmp_path)
+    expected = hf_greedy(tmp_path, prompts, MAX_NEW)
+    assert expected != reference  # negative control: config.json's EOS alone stops nowhere
+    engine = LLMEngine(tmp_path, block_size=4)
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+    assert [o.token_ids for o in outputs] == expected
+    assert outputs[3].finish_reason == "stop" and outputs[3].token_ids[-1] == stop
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

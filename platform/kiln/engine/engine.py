@@ -86,7 +86,9 @@ class LLMEngine:
         self.tokenizer = _load_tokenizer(model)
         self.vocab_size = self.config.vocab_size
         self.max_model_len = self.config.max_position_embeddings
-        eos = self.config.eos_token_id
+        # HF `generate` stops at generation_config.json's EOS ids (Llama 3 Instruct lists several
+        # there, beyond config.json's); without that file they come from the config.
+        eos = hf_model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
         if num_blocks is None:
