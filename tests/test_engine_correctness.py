@@ -163,6 +163,13 @@ def test_real_checkpoint_config_variants_match_hf_generate(variant, prompts, tmp
     assert hf_greedy(path, prompts, MAX_NEW) != reference
 
 
+def test_a_rope_that_depends_on_the_batch_is_refused(tmp_path):
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    path = build_tiny_llama(tmp_path, rope_parameters=dynamic)
+    with pytest.raises(ValueError, match=r"rope_type='dynamic': its frequencies change"):
+        LLMEngine(path, block_size=4)
+
+
 def test_generation_config_eos_ids_stop_like_hf_generate(model_dir, prompts, reference, tmp_path):
     # Llama 3 Instruct: generation_config.json lists EOS ids that config.json does not.
     shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)

@@ -97,6 +97,15 @@ class ModelRunner:
         config = model.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not a Llama-style decoder")
+        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if "dynamic" in rope_type or rope_type == "longrope":
+            # HF recomputes these frequencies from the longest position in each forward, which
+            # here mixes requests: one request's rotation would depend on its batch mates.
+            raise ValueError(
+                f"rope_parameters.rope_type={rope_type!r}: its frequencies change with the "
+                "longest sequence in a forward, which a batch of requests shares; expected a "
+                "static rope (default, linear, llama3, yarn)"
+            )
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
         self.model = model.eval()
