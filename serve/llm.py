@@ -47,6 +47,9 @@ class LLMAppConfig(Section):
         "smartspec", description="Default for requests that do not choose: SmartSpec or fixed k."
     )
     max_num_seqs: int = Field(64, ge=1, description="Requests the engine batches at once.")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Longest prompt + output served (default: the model's context)."
+    )
     torch_threads: int | None = Field(None, ge=1, description="Engine intra-op threads cap.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger bodies get 413.")
 
@@ -259,5 +262,6 @@ def build_app(args: dict) -> serve.Application:
         proposer=config.proposer,
         speculation=config.speculation,
         max_num_seqs=config.max_num_seqs,
+        max_model_len=config.max_model_len,
     )
     return OpenAIServer.bind(engine, config.name, config.max_body_bytes)

@@ -228,3 +228,24 @@ def test_smartspec_learns_output_lengths_from_finished_requests(models, prompts,
     for m in range(1, MAX_NEW + 2):
         at_risk = sum(len(o.token_ids) >= m for o in outputs)
         assert lengths.hazard(m) == pytest.approx(stops.count(m) / (at_risk + 1))
+
+
+def test_max_model_len_caps_the_context_the_draft_cache_and_the_profile(models, prompts, reference):
+    # A 131072-token checkpoint (Llama 3.1) would otherwise size the draft's cache and
+    # SmartSpec's start-up profile for its full context.
+    target, draft = models
+    cap = 40  # the models' own context is 96
+    engine = LLMEngine(
+        target, draft_model=draft, proposer="draft", block_size=4, max_num_seqs=8, max_model_len=cap
+    )
+    proposer = engine.speculator.proposer
+    assert engine.runner.max_model_len == proposer.runner.max_model_len == cap
+    assert proposer.block_manager.num_blocks == 8 * cap // 4  # uncapped: 8 * 96 // 4
+    outputs = engine.generate(prompts, GREEDY)
+    for prompt, output, expected in zip(prompts, outputs, reference):
+        assert output.token_ids == expected[: cap - len(prompt)]
+    assert any(len(p) + MAX_NEW > cap for p in prompts)  # the cap cut some requests short
+    too_long = engine.generate([[1] * cap], GREEDY)[0]
+    assert too_long.finish_reason == "error" and f"{cap}" in too_long.error
+    with pytest.raises(ValueError, match=r"max_model_len=97: expected 2..96"):
+        LLMEngine(target, max_model_len=97)

@@ -14,6 +14,11 @@ finishes at the next step with `finish_reason="error"` and a message; other requ
 `add_request` raises `ValueError` only for programming errors (a duplicate request id, a
 prompt that is neither text nor token ids).
 
+The model context is the checkpoint's `max_position_embeddings` unless `max_model_len` caps it
+(vLLM's option of that name): the draft's cache, SmartSpec's start-up profile and the CUDA
+graphs' key padding all follow it. Stop tokens are generation_config.json's EOS ids, as for HF
+`generate`.
+
 Speculation (`proposer="draft"|"ngram"`) is delegated to a `Speculator` from
 `kiln.engine.spec_decode` (see `kiln.engine.speculation_api` for the contract); the engine
 reserves the lookahead slots, runs verification inside the same forward, and rolls back.
@@ -71,6 +76,7 @@ class LLMEngine:
         attention: str | None = None,
         cuda_graphs: bool | None = None,
         seed: int = 0,
+        max_model_len: int | None = None,
     ):
         if proposer not in ("none", "draft", "ngram"):
             raise ValueError(f"proposer must be 'none', 'draft' or 'ngram', got {proposer!r}")
@@ -85,7 +91,15 @@ class LLMEngine:
         self.config = hf_model.config
         self.tokenizer = _load_tokenizer(model)
         self.vocab_size = self.config.vocab_size
-        self.max_model_len = self.config.max_position_embeddings
+        longest = self.config.max_position_embeddings
+        if max_model_len is not None and not 2 <= max_model_len <= longest:
+            raise ValueError(
+                f"max_model_len={max_model_len}: expected 2..{longest} (the model's "
+                "max_position_embeddings)"
+            )
+        # A long-context checkpoint (Llama 3.1: 131072) sized at its full context would size the
+        # draft's cache and SmartSpec's start-up profile for that context too.
+        self.max_model_len = max_model_len or longest
         # HF `generate` stops at generation_config.json's EOS ids (Llama 3 Instruct lists several
         # there, beyond config.json's); without that file they come from the config.
         eos = hf_model.generation_config.eos_token_id
@@ -101,6 +115,7 @@ class LLMEngine:
             block_size,
             attention=attention or ("flex" if on_gpu else "sdpa"),
             cuda_graphs=on_gpu if cuda_graphs is None else cuda_graphs,
+            max_model_len=self.max_model_len,
         )
         self.speculator: Speculator | None = None
         if proposer != "none":

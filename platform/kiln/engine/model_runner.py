@@ -93,7 +93,10 @@ class ModelRunner:
         block_size: int,
         attention: str = "sdpa",
         cuda_graphs: bool = False,
+        max_model_len: int | None = None,
     ):
+        """max_model_len: the longest sequence served (default: the config's
+        max_position_embeddings); CUDA graphs pad their keys to it."""
         config = model.config
         if config.model_type not in ("llama", "mistral"):
             raise ValueError(f"model_type {config.model_type!r} is not a Llama-style decoder")
@@ -119,7 +122,7 @@ class ModelRunner:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
-        self.max_model_len = config.max_position_embeddings
+        self.max_model_len = max_model_len or config.max_position_embeddings
         # Mistral v0.1's sliding window: a query sees its last `window` positions. Without one,
         # every earlier position (no query is max_model_len past its first key). Older keys stay
         # cached and are masked, so the window saves no memory.

@@ -159,15 +159,18 @@ class DraftModelProposer:
         block_size: int = 16,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        max_model_len: int | None = None,
     ):
+        """max_model_len: the target engine's (the draft never needs more context)."""
         if not isinstance(model, PreTrainedModel):
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
         model = model.to(device).eval()
         self.device = torch.device(device)
-        self.max_model_len = model.config.max_position_embeddings
+        own = model.config.max_position_embeddings
+        self.max_model_len = min(own, max_model_len or own)
         # Every sequence at full context: drafting never runs out of blocks.
         num_blocks = max_num_seqs * -(-self.max_model_len // block_size)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_model_len=self.max_model_len)
         self.block_manager = BlockManager(num_blocks, block_size)
         self._cached: dict[str, list[int]] = {}  # request id -> tokens whose KV the draft holds
         self.catch_up_fed = 0  # of the last propose call: tokens fed beyond one per request
@@ -451,7 +454,12 @@ def make_speculator(config: SpeculationConfig) -> Speculator:
         if config.draft_model is None:
             raise ValueError("proposer='draft' needs draft_model, a Hugging Face checkpoint path")
         proposer = DraftModelProposer(
-            config.draft_model, config.max_num_seqs, config.block_size, config.device, config.dtype
+            config.draft_model,
+            config.max_num_seqs,
+            config.block_size,
+            config.device,
+            config.dtype,
+            config.max_model_len,
         )
         if proposer.vocab_size != config.vocab_size:
             raise ValueError(
