@@ -18,7 +18,7 @@ from kiln.worlds.tokenizer import train_tokenizer
 
 
 def build_tiny_llama(path: Path, seed: int = 0, max_positions: int = 96, **overrides) -> Path:
-    """Save a 2-layer GQA Llama (hidden 48) and a 256-token BPE tokenizer to `path`.
+    """Save a 2-layer GQA Llama (hidden 48; or a Mistral) and a 256-token BPE tokenizer.
 
     A large initializer range makes next-token distributions peaked, so greedy choices are not
     near-ties that float rounding could flip between two correct implementations. `overrides`
@@ -53,7 +53,8 @@ def build_tiny_llama(path: Path, seed: int = 0, max_positions: int = 96, **overr
 
 
 def hf_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Reference: Hugging Face `generate`, one prompt at a time (no padding effects)."""
+    """Reference: Hugging Face `generate`, one prompt at a time (no padding effects), stopping
+    at generation_config's EOS ids."""
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     outputs = []
     for prompt in prompts:

@@ -116,7 +116,8 @@ def test_negative_control_decode_rope_off_by_one_is_caught(
     assert tokens != reference
 
 
-# Config features of real checkpoints, each with the config change that turns it off.
+# Config features of real checkpoints, each with a config change that turns the feature under
+# test off (rope scaling, biases, the window; a wrong head_dim fails on shapes instead).
 REAL_CHECKPOINT_VARIANTS = {
     # Llama 3.1+: llama3 rope scaling and a large theta; Llama 3.2 1B/3B tie the embeddings.
     "llama3_rope_tied_embeddings": (
@@ -146,13 +147,15 @@ REAL_CHECKPOINT_VARIANTS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("variant", REAL_CHECKPOINT_VARIANTS)
 def test_real_checkpoint_config_variants_match_hf_generate(variant, prompts, tmp_path):
     features, feature_off = REAL_CHECKPOINT_VARIANTS[variant]
     path = build_tiny_llama(tmp_path, **features)
     reference = hf_greedy(path, prompts, MAX_NEW)  # stops at EOS, so the engine does too
     until_eos = SamplingParams(max_tokens=MAX_NEW, temperature=0)
-    for options in ({"max_num_batched_tokens": 16}, {"attention": "flex"}):  # 16: chunked prefill
+    # 16 tokens a step: chunked prefill; the default budget: whole prompts, one SDPA call each
+    for options in ({"max_num_batched_tokens": 16}, {}, {"attention": "flex"}):
         engine = LLMEngine(path, block_size=4, **options)
         assert [o.token_ids for o in engine.generate(prompts, until_eos)] == reference
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
@@ -163,10 +166,22 @@ def test_real_checkpoint_config_variants_match_hf_generate(variant, prompts, tmp
     assert hf_greedy(path, prompts, MAX_NEW) != reference
 
 
-def test_a_rope_that_depends_on_the_batch_is_refused(tmp_path):
-    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    path = build_tiny_llama(tmp_path, rope_parameters=dynamic)
-    with pytest.raises(ValueError, match=r"rope_type='dynamic': its frequencies change"):
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 2.0},
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0] * 6,  # head_dim / 2 factors
+            "long_factor": [2.0] * 6,
+            "original_max_position_embeddings": 32,
+        },
+    ],
+    ids=["dynamic", "longrope"],
+)
+def test_a_rope_that_depends_on_the_batch_is_refused(rope, tmp_path):
+    path = build_tiny_llama(tmp_path, rope_parameters={**rope, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match=rf"rope_type='{rope['rope_type']}': its frequencies"):
         LLMEngine(path, block_size=4)
 
 

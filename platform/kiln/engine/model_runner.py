@@ -22,11 +22,12 @@ Attention backends:
 - "flex" (GPU; also runs eagerly on CPU): `flex_attention` directly over the whole paged cache
   with a block mask "query t may read slot s iff s holds a position <= t's position of t's own
   request", so no keys are gathered and foreign blocks are skipped.
-A config's `sliding_window` (Mistral v0.1) adds "and fewer than `sliding_window` positions
-back" to both masks, as Hugging Face's sliding-window causal mask does.
+A Mistral config's `sliding_window` (v0.1) adds "and fewer than `sliding_window` positions
+back" to both masks, as Hugging Face's sliding-window causal mask does (HF's Llama ignores the
+key, and so does the runner).
 Decode-only steps on CUDA replay CUDA graphs captured per batch-size bucket (`cuda_graphs=True`),
 removing the kernel-launch overhead that dominates small-batch decoding. The graphs use the
-sdpa path with keys padded to the model's context length so every shape is static.
+sdpa path with keys padded to `max_model_len` so every shape is static.
 
 Logits are returned for the last `num_logits` query positions of each request: 1 for a decode or
 a completed prompt, 1 + k for speculative verification, 0 for a mid-prompt chunk.
@@ -123,10 +124,10 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
         self.max_model_len = max_model_len or config.max_position_embeddings
-        # Mistral v0.1's sliding window: a query sees its last `window` positions. Without one,
-        # every earlier position (no query is max_model_len past its first key). Older keys stay
+        # Mistral v0.1: a query sees only its last `sliding_window` positions. Older keys stay
         # cached and are masked, so the window saves no memory.
-        self.window = getattr(config, "sliding_window", None) or self.max_model_len
+        mistral = config.model_type == "mistral"
+        self.sliding_window = getattr(config, "sliding_window", None) if mistral else None
         self.attention = attention
         shape = ((num_blocks + 1) * block_size, self.num_kv_heads, self.head_dim)
         self.k_cache = [
@@ -260,7 +261,9 @@ class ModelRunner:
         q_pos = start_pos[:, None] + offset
         # key <= query position also keeps every key inside the request's own context.
         key_pos, q_pos = key_pos[None, None, :], q_pos[:, :, None]
-        mask = (key_pos <= q_pos) & (key_pos > q_pos - self.window)
+        mask = key_pos <= q_pos
+        if self.sliding_window:
+            mask &= key_pos > q_pos - self.sliding_window
         tensors = {
             "q_index": q_index,
             "kv_slots": kv_slots,
@@ -310,14 +313,22 @@ class ModelRunner:
         q_owner = torch.tensor(q_owner, device=self.device)
         q_pos = torch.tensor(q_pos, device=self.device)
 
-        window = self.window
+        window = self.sliding_window
 
         def own_causal(b, h, q_idx, kv_idx):
-            key, query = slot_pos[kv_idx], q_pos[q_idx]
-            return (slot_owner[kv_idx] == q_owner[q_idx]) & (key <= query) & (key > query - window)
+            return (slot_owner[kv_idx] == q_owner[q_idx]) & (slot_pos[kv_idx] <= q_pos[q_idx])
+
+        def own_causal_in_window(b, h, q_idx, kv_idx):
+            recent = slot_pos[kv_idx] > q_pos[q_idx] - window
+            return own_causal(b, h, q_idx, kv_idx) & recent
 
         return create_block_mask(
-            own_causal, None, None, len(q_pos), num_slots, device=self.device.type
+            own_causal_in_window if window else own_causal,
+            None,
+            None,
+            len(q_pos),
+            num_slots,
+            device=self.device.type,
         )
 
     def _flex_attend(self, q, k_cache, v_cache, block_mask) -> torch.Tensor:

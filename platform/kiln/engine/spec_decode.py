@@ -306,6 +306,11 @@ class Speculator:
         if self.fixed_k is not None:
             return
         max_len = runner.max_model_len - self.max_k - 1
+        if max_len < 0:
+            raise ValueError(
+                f"max_model_len={runner.max_model_len}: SmartSpec verifies up to max_k={self.max_k}"
+                f" drafts, so expected max_model_len >= {self.max_k + 1}"
+            )
 
         def target_fn(num_seqs: int, tokens_per_seq: int, context_len: int) -> None:
             blocks = list(range(-(-(context_len + tokens_per_seq) // runner.block_size)))

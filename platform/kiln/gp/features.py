@@ -35,7 +35,7 @@ from kiln.gp.ensemble import GPEnsemble, Prediction, fit_gp
 BATCH = 256
 
 
-def pixel_values(path: Path) -> Callable[[np.ndarray], torch.Tensor]:
+def pixel_preprocessor(path: Path) -> Callable[[np.ndarray], torch.Tensor]:
     """uint8 images [N, H, W, 3] -> the pixel_values of the model saved in `path` (see the
     module docstring: its own image processor when the folder has one, else [-1, 1])."""
     if (Path(path) / "preprocessor_config.json").is_file():
@@ -50,7 +50,7 @@ def load_feature_model(path: Path) -> Callable[[np.ndarray], torch.Tensor]:
     if not config_file.is_file():
         raise ValueError(f"model {str(path)!r}: expected a saved model folder with config.json")
     config = json.loads(config_file.read_text())
-    pixels = pixel_values(path)
+    pixels = pixel_preprocessor(path)
     if config.get("_class_name") == "AutoencoderKL":
         from diffusers import AutoencoderKL
 
@@ -79,7 +79,7 @@ class FeatureExtractor:
         self.image_size = self.clip.config.vision_config.image_size
         self.logit_scale = self.clip.logit_scale.exp().item()
         self.models = {name: load_feature_model(path) for name, path in self.model_dirs.items()}
-        self.clip_pixels = pixel_values(clip_dir)
+        self.clip_pixels = pixel_preprocessor(clip_dir)
         tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
         with torch.no_grad():
             heads = []
