@@ -268,6 +268,21 @@ def test_marginal_likelihood_weights_the_informative_model(informative):
     assert gp.posterior(pack_inputs(features, zero_shot))[0].argmax(1).eq(labels).all()
 
 
+def test_a_lengthscale_driven_to_underflow_keeps_the_likelihood_finite(toy):
+    # L-BFGS drove a single-CLIP-kernel fit (16 shots) to lengthscale 1.6e-173 with weight
+    # 1e-78: features divided by it overflow and the kernel turns NaN, and the fit crashed in
+    # the Cholesky. The floor keeps such a kernel a finite, near-diagonal matrix.
+    x, labels, _ = toy
+    gp = _gp(x, _one_hot(labels))
+    for kernel in gp.covar_module.kernels:
+        kernel.base_kernel.raw_lengthscale.data.fill_(-400.0)  # softplus: 1.9e-174
+    assert torch.isfinite(gp.log_marginal_likelihood())
+    lengthscales = [k.base_kernel.lengthscale.item() for k in gp.covar_module.kernels]
+    assert min(lengthscales) == pytest.approx(ensemble.LENGTHSCALE_FLOOR)
+    kernel = gp.kernel(x, x)
+    torch.testing.assert_close(kernel, torch.diag(kernel.diagonal()))  # distinct points: 0
+
+
 def test_bad_inputs_name_the_argument():
     features, zero_shot, labels = _toy()
     with pytest.raises(ValueError, match=r"classes \['z'\] have zero shots"):

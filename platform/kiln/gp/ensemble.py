@@ -66,7 +66,10 @@ Fitting choices [reconstructed]: float64 throughout; L-BFGS (strong Wolfe) on �
 from α_i = 1/M, ℓ_i = 1, σ² = 0.1, a = 1, b = 0. No hyper-priors: an exponential prior on σ²
 and a Gamma(3, 6) prior on the ℓ_i, tried on the world's validation split, did not raise
 accuracy at 1-4 shots. The noise is bounded below by σ² ≥ 1e-6, which is also the only
-jitter: A is then positive definite without adding any.
+jitter: A is then positive definite without adding any. Lengthscales are bounded below by
+ℓ_i ≥ 1e-6: a single-kernel fit once drove one to 1.6e-173, where features divided by it
+overflow and the kernel turns NaN (on L2-normalised features any ℓ_i far below the distances
+between points already makes that kernel diagonal, so the bound changes no fit that worked).
 
 Behaviour to expect [derived]: with one shot per class no two training points share a label,
 so the likelihood cannot tell a kernel that separates the classes from label noise; on the
@@ -94,6 +97,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 NOISE_FLOOR = 1e-6
+LENGTHSCALE_FLOOR = 1e-6  # features are L2-normalised: distinct points are far apart
 QUADRATURE_POINTS = 32
 TEMPERATURE_PRIOR_WIDTH = 0.5  # w: std of the Gaussian prior on log τ
 _DTYPE = torch.float64
@@ -174,7 +178,10 @@ class GPEnsemble(gpytorch.models.ExactGP):
         self.zero_mean = zero_mean
         kernels, start = [], 0
         for dim in feature_dims.values():
-            base = gpytorch.kernels.RBFKernel(active_dims=torch.arange(start, start + dim))
+            base = gpytorch.kernels.RBFKernel(
+                active_dims=torch.arange(start, start + dim),
+                lengthscale_constraint=gpytorch.constraints.GreaterThan(LENGTHSCALE_FLOOR),
+            )
             kernels.append(gpytorch.kernels.ScaleKernel(base))
             start += dim
         self.covar_module = gpytorch.kernels.AdditiveKernel(*kernels)
