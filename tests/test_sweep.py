@@ -19,9 +19,11 @@ def test_two_trial_sweep_writes_table_plot_and_tensorboard(ray_cluster, tmp_path
         "mode": "min",
     }))  # fmt: skip
     out = tmp_path / "sweep"
+    # One worker per trial, so the two trials run at once on the 2-CPU test cluster (88 s -> 64 s).
     done = subprocess.run(
         [sys.executable, "-m", "jobs.sweep", "--config", str(spec),
-         "--grid", "runner.lr=0.0003,0.003", "--set", "runner.max_steps=6", "--output", str(out)],
+         "--grid", "runner.lr=0.0003,0.003", "--set", "runner.max_steps=6",
+         "--set", "runner.num_workers=1", "--output", str(out)],
         capture_output=True, text=True, cwd=REPO, env=os.environ, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
