@@ -99,13 +99,12 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        size = self.image_size
-        if np.shape(images)[1:] != (size, size, 3) or np.asarray(images).dtype != np.uint8:
+        size, images = self.image_size, np.asarray(images)
+        if images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
             raise ValueError(
                 f"images: expected uint8 [N, {size}, {size}, 3] (the CLIP's image_size), got "
-                f"{tuple(np.shape(images))} {np.asarray(images).dtype}"
+                f"{tuple(images.shape)} {images.dtype}"
             )
-        images = np.asarray(images)
         chunks = [images[start : start + BATCH] for start in range(0, len(images), BATCH)]
         features = {name: torch.cat([f(x) for x in chunks]) for name, f in self.models.items()}
         embeddings = torch.cat(
