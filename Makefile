@@ -70,7 +70,7 @@ demo: $(INSTALLED)
 		--working-dir . -- python -m jobs.spikezip --preset tiny --output $(DEMO_SNN)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
 		--working-dir . -- python -m jobs.pretrain_diffusion --preset tiny \
-		--set 'stages=[clip,vae,detector,invariant_detector]' --output $(DEMO_DIFFUSION)
+		--set 'stages=[clip,vae,detector,invariant_detector,invariant_clip]' --output $(DEMO_DIFFUSION)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
 		--working-dir . -- python -m jobs.gp_fewshot --preset tiny \
 		--set base_run=$(DEMO_DIFFUSION) --output $(DEMO_GP)

@@ -44,8 +44,8 @@ def main() -> None:
 
         args.base_run = pretrained_diffusion("tiny")
     config = GPFewShotConfig(base_run=args.base_run)
-    clip_dir, model_dirs = model_folders(config, args.base_run)
-    extractor = FeatureExtractor(clip_dir, model_dirs, class_prompts())
+    model_dirs = model_folders(config, args.base_run)
+    extractor = FeatureExtractor(model_dirs["clip"], model_dirs, class_prompts())
     data = world_splits(config)
     started = time.perf_counter()
     (pool, pool_scores), (test, test_scores) = (

@@ -77,19 +77,21 @@ class GPFewShotConfig(JobConfig):
 
     base_run: Path | None = Field(
         None,
-        description="Run directory of jobs.pretrain_diffusion (clip/model and the `models`); "
-        "default: the cached `tiny` base.",
+        description="Run directory of jobs.pretrain_diffusion (the `models`); default: the "
+        "cached `tiny` base.",
     )
     models: dict[str, str] = Field(
         {
-            "clip": "clip/model",
+            "clip": "invariant_clip/model",
             "vae": "vae/model",
             "detector": "detector/model",
             "invariant_detector": "invariant_detector/model",
         },
         min_length=1,
         description="Kernel name -> model folder (relative to base_run, or absolute): a "
-        "CLIPModel, a diffusers AutoencoderKL or any Hugging Face image model.",
+        "CLIPModel, a diffusers AutoencoderKL or any Hugging Face image model. 'clip' is also "
+        "the prior (its zero-shot logits) and Tip-Adapter's model; by default the base's "
+        "colour-invariant CLIP.",
     )
     world: ShapesWorldConfig = Field(
         default_factory=ShapesWorldConfig, description="The world the images come from."
@@ -120,7 +122,9 @@ class GPFewShotConfig(JobConfig):
     @model_validator(mode="after")
     def _known_models(self) -> GPFewShotConfig:
         if "clip" not in self.models:
-            raise ValueError("models: expected a 'clip' entry (Tip-Adapter caches its features)")
+            raise ValueError(
+                "models: expected a 'clip' entry (the prior; Tip-Adapter caches its features)"
+            )
         unknown = set(self.probe_models or []) - set(self.models)
         if unknown or self.probe_models == []:
             raise ValueError(
@@ -141,13 +145,12 @@ def class_prompts() -> dict[str, list[str]]:
     return prompts
 
 
-def model_folders(config: GPFewShotConfig, base_run: Path) -> tuple[Path, dict[str, Path]]:
+def model_folders(config: GPFewShotConfig, base_run: Path) -> dict[str, Path]:
     folders = {name: base_run / path for name, path in config.models.items()}
-    clip = base_run / "clip" / "model"
-    for name, folder in [("base_run clip/model", clip), *folders.items()]:
+    for name, folder in folders.items():
         if not (folder / "config.json").is_file():
-            raise ConfigError(f"{name}: expected a saved model folder at {str(folder)!r}")
-    return clip, folders
+            raise ConfigError(f"models.{name}: expected a saved model folder at {str(folder)!r}")
+    return folders
 
 
 def world_splits(config: GPFewShotConfig) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
@@ -318,8 +321,8 @@ def train(config: GPFewShotConfig, run_dir: str | Path) -> dict:
         base_run = pretrained_diffusion("tiny")
     else:
         base_run = config.base_run
-    clip_dir, model_dirs = model_folders(config, base_run)
-    extractor = FeatureExtractor(clip_dir, model_dirs, class_prompts())
+    model_dirs = model_folders(config, base_run)
+    extractor = FeatureExtractor(model_dirs["clip"], model_dirs, class_prompts())
     data = world_splits(config)
     encoded = {split: extractor(images) for split, (images, _) in data.items()}
     pool_labels = data["pool"][1]

@@ -1,9 +1,10 @@
-"""Pretrain the diffusion base on the shapes world: CLIP, VAE, two detectors, then the UNet.
+"""Pretrain the diffusion base on the shapes world: CLIP, VAE, two detectors, a colour-invariant
+CLIP, then the UNet.
 
     python -m jobs.pretrain_diffusion --preset tiny [--set schedules.unet.steps=4000 ...]
         [--output runs/diffusion]
     python -m jobs.pretrain_diffusion --preset tiny \
-        --set 'stages=[clip,vae,detector,invariant_detector]'
+        --set 'stages=[clip,vae,detector,invariant_detector,invariant_clip]'
         # the models the GP ensemble reads, without the UNet (the longest stage)
 
 Each stage is its own run of the shared runner (Ray Train + DeepSpeed, resumable) in a
@@ -17,6 +18,9 @@ text encoder once, on the driver (both stay frozen, as in Stable Diffusion). The
     detector/model  ResNetForImageClassification, labels `attribute=value` (the ruler)
     invariant_detector/model  the same class over the colour-free attributes, trained on
                  randomly recoloured images (a palette-free feature extractor; the GP reads it)
+    invariant_clip/model  a CLIPModel (patch 2) trained with half of each batch recoloured at
+                 random and captioned without colours ("two stars", "a ring in a cup"): the GP
+                 ensemble's prior and CLIP kernel, robust to the palette as web-scale CLIPs are
     samples.png  a grid: held-out prompts across concepts (rows, listed in samples.txt) x seeds
     summary.json per-stage summaries and the evaluation of the pipeline on held-out prompts
                  (detector concept accuracy, CLIP score, Fréchet distance) at each guidance,
@@ -43,9 +47,11 @@ from jobs.runner import Job, assets_dir, cached, check_config, cli, run
 from kiln.config import JobConfig, Section, load_config
 from kiln.diffusion import base
 from kiln.diffusion.evaluate import Instrument, generate_images, save_grid
-from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld, ShapesWorldConfig
+from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld, ShapesWorldConfig, colour_free_caption
 
-STAGES = ("clip", "vae", "detector", "invariant_detector", "unet")
+STAGES = ("clip", "vae", "detector", "invariant_detector", "invariant_clip", "unet")
+# Half of each invariant-CLIP batch is recoloured: the other half keeps the colour words' meaning.
+RECOLOURED_FRACTION = 0.5
 
 
 class Schedule(Section):
@@ -66,6 +72,10 @@ class Schedules(Section):
     )
     invariant_detector: Schedule = Field(
         Schedule(steps=1500, lr=2e-3, batch_size=64), description="Colour-invariant detector."
+    )
+    invariant_clip: Schedule = Field(
+        Schedule(steps=3000, lr=2e-3, batch_size=32),
+        description="Colour-invariant CLIP (patch 2 learns shape slowly: 5x the CLIP's steps).",
     )
     unet: Schedule = Field(Schedule(steps=3600, lr=1e-3, batch_size=32), description="UNet.")
 
@@ -94,8 +104,16 @@ class PretrainDiffusionConfig(JobConfig):
         default_factory=base.DetectorArch,
         description="Concept detector (the colour-invariant detector has the same architecture).",
     )
+    invariant_clip_patch_size: int = Field(
+        2,
+        ge=1,
+        description="Vision patch size of the colour-invariant CLIP (otherwise the CLIP's "
+        "architecture): 4-pixel patches left shape unlearnt in its budget.",
+    )
     schedules: Schedules = Field(default_factory=Schedules, description="Per-stage schedules.")
-    stages: list[Literal["clip", "vae", "detector", "invariant_detector", "unet"]] = Field(
+    stages: list[
+        Literal["clip", "vae", "detector", "invariant_detector", "invariant_clip", "unet"]
+    ] = Field(
         list(STAGES),
         min_length=1,
         description="Stages to train. 'unet' needs 'clip' and 'vae'; without it no pipeline is "
@@ -322,6 +340,81 @@ def evaluate_invariant_detector(config: PretrainDiffusionConfig, stage_dir: Path
     return accuracy
 
 
+# ---- colour-invariant CLIP ----
+
+
+class WorldImagesWithColourFreeCaptions(WorldImages):
+    """Also each image's colour-free caption; their ids follow the world's captions' ids, so
+    the contrastive targets never pair a colour-free caption with a full one."""
+
+    def __init__(self, stage_dir: Path):
+        super().__init__(stage_dir)
+        names = list(ATTRIBUTES)
+        free = [
+            colour_free_caption({name: ATTRIBUTES[name][v] for name, v in zip(names, row)})
+            for row in self.labels.tolist()
+        ]
+        unique = sorted(set(free))
+        tokenizer = CLIPTokenizer.from_pretrained(_world_dir(stage_dir) / "tokenizer")
+        tokens = tokenizer(unique, padding="max_length", truncation=True, return_tensors="pt")
+        self.free_input_ids, self.free_attention_mask = tokens.input_ids, tokens.attention_mask
+        self.free_index = torch.tensor([unique.index(caption) for caption in free])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        free = self.free_index[i]
+        return super().__getitem__(i) | {
+            "free_caption_ids": free + len(self.input_ids),
+            "free_input_ids": self.free_input_ids[free],
+            "free_attention_mask": self.free_attention_mask[free],
+        }
+
+
+def world_images_with_colour_free_captions(
+    config: PretrainDiffusionConfig, stage_dir: Path
+) -> WorldImagesWithColourFreeCaptions:
+    return WorldImagesWithColourFreeCaptions(stage_dir)
+
+
+def build_invariant_clip(config: PretrainDiffusionConfig, stage_dir: Path):
+    tokenizer = CLIPTokenizer.from_pretrained(_world_dir(stage_dir) / "tokenizer")
+    arch = config.clip.model_copy(update={"patch_size": config.invariant_clip_patch_size})
+    return base.build_clip(arch, tokenizer, config.world.image_size)
+
+
+def invariant_clip_step(model, batch, config: PretrainDiffusionConfig):
+    """CLIP's loss with a random RECOLOURED_FRACTION of the images recoloured and paired with
+    their colour-free captions (a recoloured image's colour words would be wrong)."""
+    pixels = batch["pixel_values"]
+    recolour = torch.rand(len(pixels), device=pixels.device) < RECOLOURED_FRACTION
+    row = recolour[:, None]
+    loss = base.clip_loss(
+        model,
+        torch.where(row[:, :, None, None], base.remap_colours(pixels), pixels),
+        torch.where(row, batch["free_input_ids"], batch["input_ids"]),
+        torch.where(row, batch["free_attention_mask"], batch["attention_mask"]),
+        torch.where(recolour, batch["free_caption_ids"], batch["caption_ids"]),
+    )
+    return loss, {}
+
+
+def evaluate_invariant_clip(config: PretrainDiffusionConfig, stage_dir: Path) -> dict:
+    """CLIP's caption retrieval, and colour-free caption retrieval on recoloured test images."""
+    world = ShapesWorld(config.world)
+    scenes = world.scenes("test")
+    free = [colour_free_caption(scene.attributes) for scene in scenes]
+    prompts = sorted(set(free))
+    with torch.random.fork_rng():  # a fixed recolouring, without touching the caller's RNG
+        torch.manual_seed(0)
+        recoloured = base.remap_colours(base.to_pixels(world.images(scenes)))
+    images = ((recoloured + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    scores = Instrument.load(stage_dir / "model", None).caption_scores(images, prompts)
+    truth = torch.tensor([prompts.index(caption) for caption in free])
+    return evaluate_clip(config, stage_dir) | {
+        "recoloured_colour_free_accuracy": (scores.argmax(1) == truth).float().mean().item(),
+        "colour_free_chance": 1 / len(prompts),
+    }
+
+
 # ---- UNet ----
 
 
@@ -443,6 +536,14 @@ JOBS = {
         build_dataset=world_images,
         step=invariant_detector_step,
         evaluate=evaluate_invariant_detector,
+    ),
+    "invariant_clip": _stage_job(
+        "invariant_clip",
+        build_model=build_invariant_clip,
+        build_dataset=world_images_with_colour_free_captions,
+        step=invariant_clip_step,
+        export=export_clip,
+        evaluate=evaluate_invariant_clip,
     ),
     "unet": _stage_job(
         "unet",

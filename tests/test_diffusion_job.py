@@ -17,14 +17,21 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPModel, CLIPTokenizer
 
 from jobs import generate
-from jobs.pretrain_diffusion import JOBS, PretrainDiffusionConfig, _stage_config, train
+from jobs.pretrain_diffusion import (
+    JOBS,
+    RECOLOURED_FRACTION,
+    PretrainDiffusionConfig,
+    _stage_config,
+    train,
+)
 from jobs.runner import check_config, cli, collate
 from kiln.config import ConfigError, load_config
-from kiln.diffusion.base import COLOUR_FREE, detector_loss, remap_colours, to_pixels
+from kiln.diffusion.base import COLOUR_FREE, clip_loss, detector_loss, remap_colours, to_pixels
 from kiln.diffusion.evaluate import generate_images
-from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld
+from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld, colour_free_caption
 
 OVERRIDES = [
     "world.train_size=256", "world.eval_size=48", "schedules.unet.steps=3",
@@ -58,7 +65,7 @@ def _finish_stage_without_ray(config: PretrainDiffusionConfig, run_dir, stage: s
 def base_run(ray_cluster, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("diffusion") / "run"
     config = load_config(PretrainDiffusionConfig, "tiny", None, OVERRIDES)
-    for stage in ("clip", "vae", "detector", "invariant_detector"):
+    for stage in ("clip", "vae", "detector", "invariant_detector", "invariant_clip"):
         _finish_stage_without_ray(config, run_dir, stage)
     argv = ["--preset", "tiny", "--output", str(run_dir)] + [f"--set={o}" for o in OVERRIDES]
     summary, _ = cli("pretrain_diffusion", PretrainDiffusionConfig, train, argv)
@@ -76,6 +83,12 @@ def test_stages_artifacts_and_evaluation(base_run):
     assert set(summary["invariant_detector"]) == {
         f"{view}test_accuracy/{a}" for view in ("", "recoloured_") for a in COLOUR_FREE
     }
+    assert set(summary["invariant_clip"]) == {
+        "zero_shot_caption_accuracy", "zero_shot_chance", "recoloured_colour_free_accuracy",
+        "colour_free_chance",
+    }  # fmt: skip
+    invariant_clip = CLIPModel.from_pretrained(run_dir / "invariant_clip" / "model")
+    assert invariant_clip.config.vision_config.patch_size == config.invariant_clip_patch_size
     assert (run_dir / "samples.png").stat().st_size > 0
     # The UNet trained through Ray: every parameter moved from the runner's seeded init.
     torch.manual_seed(config.runner.seed)
@@ -228,3 +241,57 @@ def test_the_invariant_detector_trains_on_recoloured_images_and_colour_free_labe
     assert torch.equal(loss, detector_loss(recoloured, labels, COLOUR_FREE))
     plain = model(pixel_values=batch["pixel_values"]).logits
     assert not torch.allclose(loss, detector_loss(plain, labels, COLOUR_FREE))  # it recolours
+
+
+def test_the_invariant_clip_pairs_recoloured_images_with_colour_free_captions(tmp_path):
+    config = load_config(PretrainDiffusionConfig, "tiny", None, OVERRIDES)
+    job, stage_config = JOBS["invariant_clip"], _stage_config(config, "invariant_clip")
+    stage_dir = tmp_path / "invariant_clip"
+    job.prepare(stage_config, stage_dir)
+    dataset = job.build_dataset(stage_config, stage_dir)
+    batch = collate(dataset, range(16), "cpu")
+    # The colour-free captions are the images' own, with ids apart from the full captions'.
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "assets" / "tokenizer")
+    world = ShapesWorld(config.world)
+    scenes = world.scenes("train")[:16]
+    expected = [colour_free_caption(scene.attributes) for scene in scenes]
+    decoded = tokenizer.batch_decode(batch["free_input_ids"], skip_special_tokens=True)
+    assert [" ".join(text.split()) for text in decoded] == expected
+    assert batch["free_caption_ids"].min() >= len(dataset.input_ids)
+    same = batch["free_caption_ids"][:, None] == batch["free_caption_ids"][None, :]
+    assert torch.equal(same, torch.tensor([[a == b for b in expected] for a in expected]))
+    torch.manual_seed(0)
+    model = job.build_model(stage_config, stage_dir)
+    torch.manual_seed(1)
+    loss, _ = job.step(model, batch, stage_config)
+    # The same draw by hand: the step's mask first, then remap_colours' draws.
+    torch.manual_seed(1)
+    recolour = torch.rand(16) < RECOLOURED_FRACTION
+    assert 0 < recolour.sum() < 16
+    pixels = torch.where(recolour[:, None, None, None], remap_colours(batch["pixel_values"]),
+                         batch["pixel_values"])  # fmt: skip
+    row = recolour[:, None]
+    expected_loss = clip_loss(
+        model,
+        pixels,
+        torch.where(row, batch["free_input_ids"], batch["input_ids"]),
+        torch.where(row, batch["free_attention_mask"], batch["attention_mask"]),
+        torch.where(recolour, batch["free_caption_ids"], batch["caption_ids"]),
+    )
+    torch.testing.assert_close(loss, expected_loss)
+    plain = clip_loss(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                      batch["caption_ids"])  # fmt: skip
+    assert not torch.allclose(loss, plain)  # it recolours and recaptions
+
+
+def test_colour_free_captions_name_what_a_recolouring_keeps():
+    def attributes(**named):
+        defaults = {"background": "gray", "colour": "red", "count": "1", "container": "none",
+                    "container_colour": "none"}  # fmt: skip
+        return defaults | named
+
+    assert colour_free_caption(attributes(shape="star", count="2")) == "two stars"
+    assert colour_free_caption(attributes(shape="circle")) == "one circle"
+    assert colour_free_caption(attributes(shape="face")) == "a face"
+    held = attributes(shape="ring", container="cup", container_colour="blue")
+    assert colour_free_caption(held) == "a ring in a cup"

@@ -54,8 +54,9 @@ def base_run(tmp_path_factory):
     captions = [p for prompts in class_prompts().values() for p in prompts]
     tokenizer = build_tokenizer(captions, 16)
     arch = ClipArch(hidden_size=16, num_layers=1, num_heads=2, projection_dim=16)
-    build_clip(arch, tokenizer, 32).save_pretrained(root / "clip" / "model")
-    tokenizer.save_pretrained(root / "clip" / "model")
+    for clip in ("clip", "invariant_clip"):  # two CLIPs, as the base has
+        build_clip(arch, tokenizer, 32).save_pretrained(root / clip / "model")
+        tokenizer.save_pretrained(root / clip / "model")
     build_vae(VaeArch(channels=[8, 8]), 32).save_pretrained(root / "vae" / "model")
     build_detector(DetectorArch(channels=[8])).save_pretrained(root / "detector" / "model")
     invariant = build_detector(DetectorArch(channels=[8]), COLOUR_FREE)
@@ -81,6 +82,8 @@ def test_job_writes_the_table_plots_and_a_classifier_that_reloads(base_run, tmp_
     assert "| gp_ensemble |" in (tmp_path / "results.md").read_text()
     classifier = FewShotClassifier.load(tmp_path / "classifier")  # fitted at 2 shots, seed 0
     assert classifier.extractor.class_names == summary["classes"]
+    # The prior is the colour-invariant CLIP, the `clip` model of the default `models`.
+    assert classifier.extractor.clip_dir == (base_run / "invariant_clip" / "model").resolve()
     assert len(classifier.gp.train_targets[0]) == 2 * len(summary["classes"])
 
 
@@ -163,7 +166,7 @@ def test_bad_config_is_refused_before_any_work(base_run, tmp_path, capsys):
     missing = ["--set=models={clip: clip/model, dino: dino/model}", f"--set=base_run={base_run}"]
     with pytest.raises(SystemExit):
         cli("gp_fewshot", GPFewShotConfig, train, [*missing, "--output", str(tmp_path / "m")])
-    assert "dino: expected a saved model folder" in capsys.readouterr().err
+    assert "models.dino: expected a saved model folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli("gp_fewshot", GPFewShotConfig, train, ["--set=probe_models=[dino]"])
     assert "probe_models=['dino']: expected names from" in capsys.readouterr().err

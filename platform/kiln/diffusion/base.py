@@ -29,6 +29,11 @@ real checkpoints use, so every later method runs unchanged on SD-v1.x from a loc
   and layout but not the palette, as colour-jittered self-supervised models do (SimCLR,
   arXiv 2002.05709). Why: every other model here encodes the palette, so a low-shot classifier
   built on them (the GP ensemble) fails on unseen colours (BENCHMARKS.md, GP section).
+- A colour-invariant CLIP: the same CLIP (with 2-pixel patches) and L_clip, where a random half
+  of each batch is recoloured by `remap_colours` and captioned without colours or background
+  (`kiln.worlds.shapes.colour_free_caption`: "two stars", "a ring in a cup"). Why: web-scale
+  CLIPs, whose zero-shot logits are the GP ensemble's prior, are robust to colour; the tiny
+  CLIP reads the palette, so a prior made from it fails on unseen colours.
 
 The tokenizer is a `CLIPTokenizer` whose BPE is fitted on the world's captions (every caption
 word becomes one token; unknown words fall back to characters).

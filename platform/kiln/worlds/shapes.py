@@ -166,6 +166,17 @@ def caption(attributes: dict[str, str]) -> str:
     return f"{_COUNT_WORDS[count]} {a['colour']} {a['shape']}{plural} {background}"
 
 
+def colour_free_caption(attributes: dict[str, str]) -> str:
+    """`caption` without colours or background: what a recoloured image still shows."""
+    a = attributes
+    if a["shape"] == "face":
+        return "a face"
+    if a["container"] != "none":
+        return f"a {a['shape']} in a {a['container']}"
+    count = int(a["count"])
+    return f"{_COUNT_WORDS[count]} {a['shape']}{'s' if count > 1 else ''}"
+
+
 def parse_caption(text: str) -> dict[str, str]:
     """The captioned attributes of a caption written by `caption`; ValueError otherwise."""
     words = text.strip().lower().split()
