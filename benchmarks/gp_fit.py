@@ -45,7 +45,7 @@ def main() -> None:
         args.base_run = pretrained_diffusion("tiny")
     config = GPFewShotConfig(base_run=args.base_run)
     model_dirs = model_folders(config, args.base_run)
-    extractor = FeatureExtractor(model_dirs["clip"], model_dirs, class_prompts())
+    extractor = FeatureExtractor(model_dirs["clip"], model_dirs, class_prompts(config.prompts))
     data = world_splits(config)
     started = time.perf_counter()
     (pool, pool_scores), (test, test_scores) = (

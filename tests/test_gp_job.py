@@ -30,7 +30,7 @@ from kiln.diffusion.base import (
     to_pixels,
 )
 from kiln.gp import FeatureExtractor, FewShotClassifier
-from kiln.worlds.shapes import ShapesWorld
+from kiln.worlds.shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, ShapesWorld, parse_caption
 
 METHODS = {"zero_shot", "linear_probe", "tip_adapter", "knn", "gp_zero_mean", "gp_ensemble"}
 METHODS |= {"gp_only_clip", "gp_only_vae", "gp_only_detector", "gp_only_invariant_detector"}
@@ -84,6 +84,7 @@ def test_job_writes_the_table_plots_and_a_classifier_that_reloads(base_run, tmp_
     assert classifier.extractor.class_names == summary["classes"]
     # The prior is the colour-invariant CLIP, the `clip` model of the default `models`.
     assert classifier.extractor.clip_dir == (base_run / "invariant_clip" / "model").resolve()
+    assert classifier.extractor.class_prompts == class_prompts("colour_free")
     assert len(classifier.gp.train_targets[0]) == 2 * len(summary["classes"])
 
 
@@ -157,6 +158,19 @@ def test_folders_with_an_image_processor_get_their_own_preprocessing(base_run, t
     FewShotClassifier.fit(extractor, images, labels, iterations=2).save(tmp_path / "classifier")
     reloaded = FewShotClassifier.load(tmp_path / "classifier")
     torch.testing.assert_close(reloaded.extractor(images)[0]["vit"], expected_vit)
+
+
+def test_class_prompts_name_the_shape_with_or_without_colours():
+    colour_words = {*COLOURS, *BACKGROUNDS, "background"}
+    free, captions = class_prompts("colour_free"), class_prompts("captions")
+    assert list(free) == list(captions) == list(ATTRIBUTES["shape"])
+    for shape in free:
+        assert free[shape] and all(shape in prompt for prompt in free[shape])
+        assert not any(colour_words & set(prompt.split()) for prompt in free[shape])
+        assert len(captions[shape]) == len(COLOURS) * len(BACKGROUNDS)
+        assert {parse_caption(prompt)["shape"] for prompt in captions[shape]} == {shape}
+    assert free["star"] == ["one star", "two stars", "three stars", "a star in a box",
+                            "a star in a cup"]  # fmt: skip
 
 
 def test_bad_config_is_refused_before_any_work(base_run, tmp_path, capsys):
