@@ -54,7 +54,7 @@ test-gpu: $(INSTALLED)
 
 # Starts a local Ray head (dashboard at http://$(RAY_DASHBOARD)) unless one is running,
 # submits the embedded-default training jobs to it (the tiny LM, the SpikeZIP-TF SNN, the
-# diffusion base's CLIP/VAE/detectors and the GP ensemble on them), deploys serve/config.yaml on
+# diffusion base's models that the GP ensemble reads, and the GP ensemble on them), deploys serve/config.yaml on
 # them and asks each app a question with curl.
 # The head gets .venv/bin first on PATH so the `python` of submitted jobs is this venv's.
 # Token authentication is on: the token lives in ~/.ray/auth_token (made on first use).
@@ -70,7 +70,7 @@ demo: $(INSTALLED)
 		--working-dir . -- python -m jobs.spikezip --preset tiny --output $(DEMO_SNN)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
 		--working-dir . -- python -m jobs.pretrain_diffusion --preset tiny \
-		--set 'stages=[clip,vae,detector,invariant_detector,invariant_clip]' --output $(DEMO_DIFFUSION)
+		--set 'stages=[vae,detector,invariant_detector,invariant_clip]' --output $(DEMO_DIFFUSION)
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address http://$(RAY_DASHBOARD) \
 		--working-dir . -- python -m jobs.gp_fewshot --preset tiny \
 		--set base_run=$(DEMO_DIFFUSION) --output $(DEMO_GP)

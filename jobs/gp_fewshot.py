@@ -19,8 +19,9 @@ captions ("one star", "two stars", "three stars", "a star in a box", "a star in 
 face"), which the default prior, the colour-invariant CLIP, was trained on; with `captions`, the
 world's captions of one object of that shape over every colour and background (24 per class),
 for a CLIP trained on those alone. Chosen on the validation split (512 images and their shifted
-copy), zero-shot accuracy of the colour-invariant CLIP: 0.436 / 0.502 with colour-free prompts,
-0.320 / 0.334 with captions; of the base's plain CLIP: 0.367 / 0.281 and 0.479 / 0.256.
+copy; zero-shot accuracy): the base's plain CLIP scores 0.367 / 0.281 with colour-free prompts
+and 0.479 / 0.256 with captions; a first colour-invariant CLIP 0.436 / 0.502 and 0.320 / 0.334;
+the landed one ties at 0.555 / 0.557 (BENCHMARKS.md, GP section).
 
 The run directory gets:
 
@@ -41,7 +42,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import matplotlib
 
@@ -68,6 +69,7 @@ from kiln.worlds.shapes import (
 from kiln.worlds.shapes import caption as world_caption
 
 ATTRIBUTE = "shape"
+PromptKind = Literal["colour_free", "captions"]
 # Unseen hues, each far from its default and readable on every shifted background.
 SHIFTED_PALETTE = {
     "black": (20, 30, 90),
@@ -117,7 +119,7 @@ class GPFewShotConfig(JobConfig):
     shifted_palette: dict[str, tuple[int, int, int]] = Field(
         SHIFTED_PALETTE, description="RGB per colour/background name for the shifted split."
     )
-    prompts: Literal["colour_free", "captions"] = Field(
+    prompts: PromptKind = Field(
         "colour_free",
         description="Zero-shot prompts per class: colour-free captions ('two stars', 'a star in "
         "a cup'; what the colour-invariant CLIP learnt) or full captions over every colour and "
@@ -153,9 +155,11 @@ class GPFewShotConfig(JobConfig):
         return self
 
 
-def class_prompts(kind: str = "colour_free") -> dict[str, list[str]]:
+def class_prompts(kind: PromptKind = "colour_free") -> dict[str, list[str]]:
     """Per shape, `colour_free`: its colour-free captions (counts 1-3 and each container; the
     face has one); `captions`: one object of that shape over every colour and background."""
+    if kind not in get_args(PromptKind):
+        raise ValueError(f"prompts={kind!r}: expected one of {list(get_args(PromptKind))}")
     prompts = {}
     for shape in ATTRIBUTES[ATTRIBUTE]:
         scene = {"background": "black", "shape": shape, "colour": "red", "count": "1",
@@ -179,7 +183,15 @@ def model_folders(config: GPFewShotConfig, base_run: Path) -> dict[str, Path]:
     folders = {name: base_run / path for name, path in config.models.items()}
     for name, folder in folders.items():
         if not (folder / "config.json").is_file():
-            raise ConfigError(f"models.{name}: expected a saved model folder at {str(folder)!r}")
+            hint = (
+                " (a base from before the invariant_clip stage: train that stage, or use its "
+                "CLIP with --set models.clip=clip/model --set prompts=captions)"
+                if name == "clip"
+                else ""
+            )
+            raise ConfigError(
+                f"models.{name}: expected a saved model folder at {str(folder)!r}{hint}"
+            )
     return folders
 
 

@@ -4,8 +4,8 @@ CLIP, then the UNet.
     python -m jobs.pretrain_diffusion --preset tiny [--set schedules.unet.steps=4000 ...]
         [--output runs/diffusion]
     python -m jobs.pretrain_diffusion --preset tiny \
-        --set 'stages=[clip,vae,detector,invariant_detector,invariant_clip]'
-        # the models the GP ensemble reads, without the UNet (the longest stage)
+        --set 'stages=[vae,detector,invariant_detector,invariant_clip]'
+        # the models the GP ensemble reads (not the CLIP, nor the UNet, the longest stage)
 
 Each stage is its own run of the shared runner (Ray Train + DeepSpeed, resumable) in a
 sub-folder of the run directory; a re-run skips finished stages and resumes an interrupted one.
@@ -117,7 +117,8 @@ class PretrainDiffusionConfig(JobConfig):
         list(STAGES),
         min_length=1,
         description="Stages to train. 'unet' needs 'clip' and 'vae'; without it no pipeline is "
-        "assembled or evaluated (the GP ensemble reads every stage but the UNet).",
+        "assembled or evaluated (the GP ensemble reads every stage but the CLIP and the "
+        "UNet).",
     )
     evaluation: Evaluation = Field(default_factory=Evaluation, description="Final evaluation.")
 
@@ -228,12 +229,13 @@ def build_clip(config: PretrainDiffusionConfig, stage_dir: Path):
 
 
 def clip_step(model, batch, config: PretrainDiffusionConfig):
+    captions = batch["caption_ids"]
     loss = base.clip_loss(
         model,
         batch["pixel_values"],
         batch["input_ids"],
         batch["attention_mask"],
-        batch["caption_ids"],
+        captions[:, None] == captions[None, :],
     )
     return loss, {}
 
@@ -344,8 +346,7 @@ def evaluate_invariant_detector(config: PretrainDiffusionConfig, stage_dir: Path
 
 
 class WorldImagesWithColourFreeCaptions(WorldImages):
-    """Also each image's colour-free caption; their ids follow the world's captions' ids, so
-    the contrastive targets never pair a colour-free caption with a full one."""
+    """Also each image's colour-free caption (`free_caption_ids` index the distinct ones)."""
 
     def __init__(self, stage_dir: Path):
         super().__init__(stage_dir)
@@ -363,7 +364,7 @@ class WorldImagesWithColourFreeCaptions(WorldImages):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         free = self.free_index[i]
         return super().__getitem__(i) | {
-            "free_caption_ids": free + len(self.input_ids),
+            "free_caption_ids": free,
             "free_input_ids": self.free_input_ids[free],
             "free_attention_mask": self.free_attention_mask[free],
         }
@@ -383,7 +384,8 @@ def build_invariant_clip(config: PretrainDiffusionConfig, stage_dir: Path):
 
 def invariant_clip_step(model, batch, config: PretrainDiffusionConfig):
     """CLIP's loss with a random RECOLOURED_FRACTION of the images recoloured and paired with
-    their colour-free captions (a recoloured image's colour words would be wrong)."""
+    their colour-free captions (a recoloured image's colour words would be wrong); the targets
+    are `base.recoloured_positives`."""
     pixels = batch["pixel_values"]
     recolour = torch.rand(len(pixels), device=pixels.device) < RECOLOURED_FRACTION
     row = recolour[:, None]
@@ -392,27 +394,30 @@ def invariant_clip_step(model, batch, config: PretrainDiffusionConfig):
         torch.where(row[:, :, None, None], base.remap_colours(pixels), pixels),
         torch.where(row, batch["free_input_ids"], batch["input_ids"]),
         torch.where(row, batch["free_attention_mask"], batch["attention_mask"]),
-        torch.where(recolour, batch["free_caption_ids"], batch["caption_ids"]),
+        base.recoloured_positives(batch["caption_ids"], batch["free_caption_ids"], recolour),
     )
     return loss, {}
 
 
 def evaluate_invariant_clip(config: PretrainDiffusionConfig, stage_dir: Path) -> dict:
-    """CLIP's caption retrieval, and colour-free caption retrieval on recoloured test images."""
+    """CLIP's caption retrieval, and colour-free caption retrieval on the test images as drawn
+    (what the GP's prior sees) and recoloured at random."""
     world = ShapesWorld(config.world)
     scenes = world.scenes("test")
     free = [colour_free_caption(scene.attributes) for scene in scenes]
     prompts = sorted(set(free))
+    truth = torch.tensor([prompts.index(caption) for caption in free])
+    drawn = world.images(scenes)
     with torch.random.fork_rng():  # a fixed recolouring, without touching the caller's RNG
         torch.manual_seed(0)
-        recoloured = base.remap_colours(base.to_pixels(world.images(scenes)))
-    images = ((recoloured + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    scores = Instrument.load(stage_dir / "model", None).caption_scores(images, prompts)
-    truth = torch.tensor([prompts.index(caption) for caption in free])
-    return evaluate_clip(config, stage_dir) | {
-        "recoloured_colour_free_accuracy": (scores.argmax(1) == truth).float().mean().item(),
-        "colour_free_chance": 1 / len(prompts),
-    }
+        recoloured = base.remap_colours(base.to_pixels(drawn))
+    recoloured = ((recoloured + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    instrument = Instrument.load(stage_dir / "model", None)
+    results = evaluate_clip(config, stage_dir) | {"colour_free_chance": 1 / len(prompts)}
+    for view, images in (("", drawn), ("recoloured_", recoloured)):
+        scores = instrument.caption_scores(images, prompts)
+        results[f"{view}colour_free_accuracy"] = (scores.argmax(1) == truth).float().mean().item()
+    return results
 
 
 # ---- UNet ----

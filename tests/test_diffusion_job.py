@@ -29,7 +29,14 @@ from jobs.pretrain_diffusion import (
 )
 from jobs.runner import check_config, cli, collate
 from kiln.config import ConfigError, load_config
-from kiln.diffusion.base import COLOUR_FREE, clip_loss, detector_loss, remap_colours, to_pixels
+from kiln.diffusion.base import (
+    COLOUR_FREE,
+    clip_loss,
+    detector_loss,
+    recoloured_positives,
+    remap_colours,
+    to_pixels,
+)
 from kiln.diffusion.evaluate import generate_images
 from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld, colour_free_caption
 
@@ -84,8 +91,8 @@ def test_stages_artifacts_and_evaluation(base_run):
         f"{view}test_accuracy/{a}" for view in ("", "recoloured_") for a in COLOUR_FREE
     }
     assert set(summary["invariant_clip"]) == {
-        "zero_shot_caption_accuracy", "zero_shot_chance", "recoloured_colour_free_accuracy",
-        "colour_free_chance",
+        "zero_shot_caption_accuracy", "zero_shot_chance", "colour_free_accuracy",
+        "recoloured_colour_free_accuracy", "colour_free_chance",
     }  # fmt: skip
     invariant_clip = CLIPModel.from_pretrained(run_dir / "invariant_clip" / "model")
     assert invariant_clip.config.vision_config.patch_size == config.invariant_clip_patch_size
@@ -248,16 +255,13 @@ def test_the_invariant_clip_pairs_recoloured_images_with_colour_free_captions(tm
     job, stage_config = JOBS["invariant_clip"], _stage_config(config, "invariant_clip")
     stage_dir = tmp_path / "invariant_clip"
     job.prepare(stage_config, stage_dir)
-    dataset = job.build_dataset(stage_config, stage_dir)
-    batch = collate(dataset, range(16), "cpu")
-    # The colour-free captions are the images' own, with ids apart from the full captions'.
+    batch = collate(job.build_dataset(stage_config, stage_dir), range(16), "cpu")
+    # The colour-free captions are the images' own, and their ids tell them apart.
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "assets" / "tokenizer")
-    world = ShapesWorld(config.world)
-    scenes = world.scenes("train")[:16]
+    scenes = ShapesWorld(config.world).scenes("train")[:16]
     expected = [colour_free_caption(scene.attributes) for scene in scenes]
     decoded = tokenizer.batch_decode(batch["free_input_ids"], skip_special_tokens=True)
     assert [" ".join(text.split()) for text in decoded] == expected
-    assert batch["free_caption_ids"].min() >= len(dataset.input_ids)
     same = batch["free_caption_ids"][:, None] == batch["free_caption_ids"][None, :]
     assert torch.equal(same, torch.tensor([[a == b for b in expected] for a in expected]))
     torch.manual_seed(0)
@@ -271,17 +275,37 @@ def test_the_invariant_clip_pairs_recoloured_images_with_colour_free_captions(tm
     pixels = torch.where(recolour[:, None, None, None], remap_colours(batch["pixel_values"]),
                          batch["pixel_values"])  # fmt: skip
     row = recolour[:, None]
-    expected_loss = clip_loss(
-        model,
-        pixels,
-        torch.where(row, batch["free_input_ids"], batch["input_ids"]),
-        torch.where(row, batch["free_attention_mask"], batch["attention_mask"]),
-        torch.where(recolour, batch["free_caption_ids"], batch["caption_ids"]),
-    )
-    torch.testing.assert_close(loss, expected_loss)
+    input_ids = torch.where(row, batch["free_input_ids"], batch["input_ids"])
+    attention_mask = torch.where(row, batch["free_attention_mask"], batch["attention_mask"])
+    positives = recoloured_positives(batch["caption_ids"], batch["free_caption_ids"], recolour)
+    # L_clip written out: each direction's targets normalised over its own rows.
+    logits = model(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask)
+    logits = logits.logits_per_image
+    by_image = -(positives / positives.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
+    by_text = -(positives / positives.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0)
+    torch.testing.assert_close(loss, 0.5 * (by_image.mean() + by_text.mean()))
     plain = clip_loss(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                      batch["caption_ids"])  # fmt: skip
+                      batch["caption_ids"][:, None] == batch["caption_ids"][None, :])  # fmt: skip
     assert not torch.allclose(loss, plain)  # it recolours and recaptions
+
+
+def test_a_colour_free_caption_describes_plain_and_recoloured_images_alike():
+    # Entries: a face (drawn), another red face on the same background (recoloured), a star
+    # (drawn), the first face's caption again (drawn). Full captions 0, 1, 2, 0; colour-free
+    # captions "a face", "a face", "one star", "a face".
+    captions, free = torch.tensor([0, 1, 2, 0]), torch.tensor([0, 0, 1, 0])
+    recoloured = torch.tensor([False, True, False, False])
+    expected = torch.tensor([
+        # text: full 0, "a face", full 2, full 0
+        [True, True, False, True],  # a drawn face is "a face" too
+        [False, True, False, False],  # a recoloured face is no longer its full caption
+        [False, False, True, False],
+        [True, True, False, True],
+    ])  # fmt: skip
+    assert torch.equal(recoloured_positives(captions, free, recoloured), expected)
+    # Negative control: ids of the two kinds kept apart would push a drawn face from "a face".
+    apart = torch.where(recoloured, free + 100, captions)
+    assert not torch.equal(apart[:, None] == apart[None, :], expected)
 
 
 def test_colour_free_captions_name_what_a_recolouring_keeps():

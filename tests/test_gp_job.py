@@ -65,6 +65,7 @@ def base_run(tmp_path_factory):
 
 
 OVERRIDES = ["shots=[1,2]", "seeds=1", "pool_size=90", "test_size=12", "gp_iterations=5"]
+OVERRIDES += ["prompts=captions"]  # not the default: the job must pass `prompts` on
 
 
 def test_job_writes_the_table_plots_and_a_classifier_that_reloads(base_run, tmp_path):
@@ -84,7 +85,7 @@ def test_job_writes_the_table_plots_and_a_classifier_that_reloads(base_run, tmp_
     assert classifier.extractor.class_names == summary["classes"]
     # The prior is the colour-invariant CLIP, the `clip` model of the default `models`.
     assert classifier.extractor.clip_dir == (base_run / "invariant_clip" / "model").resolve()
-    assert classifier.extractor.class_prompts == class_prompts("colour_free")
+    assert classifier.extractor.class_prompts == class_prompts("captions")
     assert len(classifier.gp.train_targets[0]) == 2 * len(summary["classes"])
 
 
@@ -171,6 +172,8 @@ def test_class_prompts_name_the_shape_with_or_without_colours():
         assert {parse_caption(prompt)["shape"] for prompt in captions[shape]} == {shape}
     assert free["star"] == ["one star", "two stars", "three stars", "a star in a box",
                             "a star in a cup"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"prompts='colourfree': expected one of"):
+        class_prompts("colourfree")
 
 
 def test_bad_config_is_refused_before_any_work(base_run, tmp_path, capsys):

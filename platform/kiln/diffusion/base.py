@@ -7,7 +7,8 @@ real checkpoints use, so every later method runs unchanged on SD-v1.x from a loc
   repeat in this world, so two images with the same caption are both positives: the target of
   row i is uniform over the batch entries whose caption equals caption i (plain CLIP's identity
   target would push apart identical pairs).
-      L_clip = ½ [CE(s·I·Tᵀ, P) + CE(s·T·Iᵀ, P)],  P_ij ∝ [caption_i = caption_j]
+      L_clip = ½ [CE(s·I·Tᵀ, P) + CE(s·T·Iᵀ, Pᵀ)],  P_ij = [text j describes image i],
+  each CE's target row normalised to sum to 1; here P_ij = [caption_i = caption_j].
 - `AutoencoderKL` (diffusers) with latents at 1/4 resolution:
       L_vae = ‖D(z) − x‖² + β_kl · KL(q(z|x) ‖ N(0, I)),  z ~ q(z|x)
   Deviation from SD: no perceptual or adversarial loss (flat-colour shapes reconstruct well
@@ -30,10 +31,13 @@ real checkpoints use, so every later method runs unchanged on SD-v1.x from a loc
   arXiv 2002.05709). Why: every other model here encodes the palette, so a low-shot classifier
   built on them (the GP ensemble) fails on unseen colours (BENCHMARKS.md, GP section).
 - A colour-invariant CLIP: the same CLIP (with 2-pixel patches) and L_clip, where a random half
-  of each batch is recoloured by `remap_colours` and captioned without colours or background
-  (`kiln.worlds.shapes.colour_free_caption`: "two stars", "a ring in a cup"). Why: web-scale
-  CLIPs, whose zero-shot logits are the GP ensemble's prior, are robust to colour; the tiny
-  CLIP reads the palette, so a prior made from it fails on unseen colours.
+  R of each batch is recoloured by `remap_colours` and captioned without colours or background
+  (`kiln.worlds.shapes.colour_free_caption`: "two stars", "a ring in a cup"). A colour-free
+  text describes every image with that colour-free caption, recoloured or not; a full caption
+  only the images it was drawn for, unrecoloured:
+      P_ij = [j ∈ R] [free_i = free_j] + [j ∉ R] [i ∉ R] [caption_i = caption_j]
+  Why: web-scale CLIPs, whose zero-shot logits are the GP ensemble's prior, are robust to
+  colour; the tiny CLIP reads the palette, so a prior made from it fails on unseen colours.
 
 The tokenizer is a `CLIPTokenizer` whose BPE is fitted on the world's captions (every caption
 word becomes one token; unknown words fall back to characters).
@@ -178,13 +182,26 @@ def clip_loss(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    caption_ids: torch.Tensor,
+    positives: torch.Tensor,
 ) -> torch.Tensor:
+    """positives [B, B] bool: text j describes image i (the diagonal at least)."""
     out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-    same = (caption_ids[:, None] == caption_ids[None, :]).float()
-    target = same / same.sum(1, keepdim=True)
-    logits = out.logits_per_image  # symmetric: logits_per_text is its transpose
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    positives = positives.float()
+    logits = out.logits_per_image  # logits_per_text is its transpose
+    return 0.5 * (
+        F.cross_entropy(logits, positives / positives.sum(1, keepdim=True))
+        + F.cross_entropy(logits.T, positives.T / positives.T.sum(1, keepdim=True))
+    )
+
+
+def recoloured_positives(
+    caption_ids: torch.Tensor, free_caption_ids: torch.Tensor, recoloured: torch.Tensor
+) -> torch.Tensor:
+    """The colour-invariant CLIP's P (module docstring): text j is entry j's colour-free caption
+    where recoloured[j], its full caption otherwise."""
+    same_free = free_caption_ids[:, None] == free_caption_ids[None, :]
+    same_full = caption_ids[:, None] == caption_ids[None, :]
+    return torch.where(recoloured[None, :], same_free, same_full & ~recoloured[:, None])
 
 
 def build_vae(arch: VaeArch, image_size: int) -> AutoencoderKL:
@@ -289,14 +306,15 @@ def remap_colours(pixels: torch.Tensor) -> torch.Tensor:
     Per image: a channel permutation, then per channel a gain of ±[0.4, 1.2] (negative with
     probability 0.3: an inversion) and an offset in [-0.4, 0.4]; greyscale with probability 0.2.
     Every pixel of an image goes through the same map, so shapes and layout are kept and pixels
-    of one colour stay one colour; only which colour changes. Uses torch's global generator.
+    of one colour stay one colour; only which colour changes. Uses torch's global generator
+    (the pixels' device's).
     """
-    n = len(pixels)
-    order = torch.argsort(torch.rand(n, 3), dim=1)
+    n, on = len(pixels), {"device": pixels.device}
+    order = torch.argsort(torch.rand(n, 3, **on), dim=1)
     remapped = torch.gather(pixels, 1, order[:, :, None, None].expand_as(pixels))
-    sign = torch.where(torch.rand(n, 3, 1, 1) < 0.3, -1.0, 1.0)
-    gain = torch.empty(n, 3, 1, 1).uniform_(0.4, 1.2) * sign
-    remapped = remapped * gain + torch.empty(n, 3, 1, 1).uniform_(-0.4, 0.4)
-    grey = torch.rand(n, 1, 1, 1) < 0.2
+    sign = torch.where(torch.rand(n, 3, 1, 1, **on) < 0.3, -1.0, 1.0)
+    gain = torch.empty(n, 3, 1, 1, **on).uniform_(0.4, 1.2) * sign
+    remapped = remapped * gain + torch.empty(n, 3, 1, 1, **on).uniform_(-0.4, 0.4)
+    grey = torch.rand(n, 1, 1, 1, **on) < 0.2
     remapped = torch.where(grey, remapped.mean(1, keepdim=True).expand_as(remapped), remapped)
     return remapped.clamp(-1, 1)

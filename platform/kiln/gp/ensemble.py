@@ -83,7 +83,7 @@ not the GP: the marginal likelihood picks the kernel that explains the shots (on
 world the colour-invariant detector), and the prediction inherits the CLIP prior's own drop
 where the shots are too few to override it (1-2 per class). Hence the colour-invariant CLIP as
 the prior: with the palette-reading CLIP the shift cost the GP 0.076 of accuracy on average,
-with it −0.006 (BENCHMARKS.md, GP section).
+with it 0.016 (BENCHMARKS.md, GP section).
 """
 
 from __future__ import annotations
