@@ -94,7 +94,8 @@ class Evaluation(Section):
 
 
 class PretrainDiffusionConfig(JobConfig):
-    """Train the shapes-world diffusion base: CLIP, VAE, the detectors and the latent UNet."""
+    """Train the shapes-world diffusion base: CLIP, VAE, the detectors, the colour-invariant CLIP
+    and the latent UNet."""
 
     world: ShapesWorldConfig = Field(default_factory=ShapesWorldConfig, description="World.")
     clip: base.ClipArch = Field(default_factory=base.ClipArch, description="Tiny CLIP.")
@@ -654,7 +655,7 @@ def train(config: PretrainDiffusionConfig, run_dir: str | Path) -> dict:
 
 
 def pretrained_diffusion(preset: str = "tiny") -> Path:
-    """The run directory of `preset` (pipeline/, clip/model, detector/model), trained once."""
+    """The run directory of `preset` (pipeline/ and every stage's model), trained once."""
     config = load_config(PretrainDiffusionConfig, preset)
     return cached("pretrain_diffusion", config, lambda run_dir: train(config, run_dir))
 
