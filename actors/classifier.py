@@ -15,6 +15,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from kiln import gp, snn
+from kiln.pixels import from_pixels
 
 
 class Classified(NamedTuple):
@@ -69,8 +70,7 @@ class GPClassifier:
 
     def classify(self, images: torch.Tensor) -> Classified:
         # Back to the uint8 [N, H, W, 3] the extractor takes (exact for 8-bit inputs).
-        pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        prediction = self.model.predict(pixels.permute(0, 2, 3, 1).numpy())
+        prediction = self.model.predict(from_pixels(images))
         return Classified(
             probabilities=prediction.probabilities,
             per_image={"variance": prediction.variance.tolist()},

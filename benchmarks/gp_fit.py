@@ -43,9 +43,11 @@ def main() -> None:
         from jobs.pretrain_diffusion import pretrained_diffusion
 
         args.base_run = pretrained_diffusion("tiny")
-    config = GPFewShotConfig(base_run=args.base_run)
+    config = GPFewShotConfig(base_run=args.base_run, test_size=512)  # as in earlier runs
     model_dirs = model_folders(config, args.base_run)
-    extractor = FeatureExtractor(model_dirs["clip"], model_dirs, class_prompts(config.prompts))
+    extractor = FeatureExtractor(
+        model_dirs["clip"], model_dirs, class_prompts(config.prompts), config.prior_views
+    )
     data = world_splits(config)
     started = time.perf_counter()
     (pool, pool_scores), (test, test_scores) = (

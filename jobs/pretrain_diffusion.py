@@ -47,6 +47,7 @@ from jobs.runner import Job, assets_dir, cached, check_config, cli, run
 from kiln.config import JobConfig, Section, load_config
 from kiln.diffusion import base
 from kiln.diffusion.evaluate import Instrument, generate_images, save_grid
+from kiln.pixels import from_pixels, remap_colours, to_pixels
 from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld, ShapesWorldConfig, colour_free_caption
 
 STAGES = ("clip", "vae", "detector", "invariant_detector", "invariant_clip", "unet")
@@ -191,12 +192,14 @@ class WorldImages(torch.utils.data.Dataset):
     def __init__(self, stage_dir: Path):
         folder = _world_dir(stage_dir)
         world = _load_world(folder)
-        self.pixels = base.to_pixels(world["images"])
+        self.pixels = to_pixels(world["images"])
         self.caption_ids = torch.as_tensor(world["caption_ids"])
         self.labels = torch.as_tensor(world["labels"])
         captions = json.loads((folder / "captions.json").read_text())
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        tokens = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt")
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        tokens = self.tokenizer(
+            captions, padding="max_length", truncation=True, return_tensors="pt"
+        )
         self.input_ids, self.attention_mask = tokens.input_ids, tokens.attention_mask
 
     def __len__(self) -> int:
@@ -249,10 +252,14 @@ def export_clip(model, config: PretrainDiffusionConfig, stage_dir: Path, out_dir
 def evaluate_clip(config: PretrainDiffusionConfig, stage_dir: Path) -> dict:
     """Zero-shot caption retrieval on held-out images, over every test-split caption."""
     world = ShapesWorld(config.world)
-    instrument = Instrument.load(stage_dir / "model", detector_dir=None)
     scenes = world.scenes("test")
+    instrument = Instrument.load(stage_dir / "model", detector_dir=None)
+    return caption_retrieval(instrument, world, scenes, world.images(scenes))
+
+
+def caption_retrieval(instrument: Instrument, world: ShapesWorld, scenes, images) -> dict:
     prompts = world.prompts("test")
-    scores = instrument.caption_scores(world.images(scenes), prompts)
+    scores = instrument.caption_scores(images, prompts)
     truth = torch.tensor([prompts.index(s.caption) for s in scenes])
     return {"zero_shot_caption_accuracy": (scores.argmax(1) == truth).float().mean().item(),
             "zero_shot_chance": 1 / len(prompts)}  # fmt: skip
@@ -275,7 +282,7 @@ def vae_step(model, batch, config: PretrainDiffusionConfig):
 def evaluate_vae(config: PretrainDiffusionConfig, stage_dir: Path) -> dict:
     vae = AutoencoderKL.from_pretrained(stage_dir / "model").eval()
     world = ShapesWorld(config.world)
-    pixels = base.to_pixels(world.images(world.scenes("test")))
+    pixels = to_pixels(world.images(world.scenes("test")))
     with torch.no_grad():
         reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
     return {"test_reconstruction_mse": torch.nn.functional.mse_loss(reconstruction, pixels).item()}
@@ -316,7 +323,7 @@ def build_invariant_detector(config: PretrainDiffusionConfig, stage_dir: Path):
 
 
 def invariant_detector_step(model, batch, config: PretrainDiffusionConfig):
-    logits = model(pixel_values=base.remap_colours(batch["pixel_values"])).logits
+    logits = model(pixel_values=remap_colours(batch["pixel_values"])).logits
     return base.detector_loss(logits, batch["labels"], base.COLOUR_FREE), {}
 
 
@@ -324,7 +331,7 @@ def evaluate_invariant_detector(config: PretrainDiffusionConfig, stage_dir: Path
     """Per-attribute accuracy on real held-out images, as drawn and recoloured at random."""
     world = ShapesWorld(config.world)
     scenes = world.scenes("test")
-    pixels = base.to_pixels(world.images(scenes))
+    pixels = to_pixels(world.images(scenes))
     model = AutoModelForImageClassification.from_pretrained(stage_dir / "model").eval()
     truth = {
         name: torch.tensor([ATTRIBUTES[name].index(s.attributes[name]) for s in scenes])
@@ -332,7 +339,7 @@ def evaluate_invariant_detector(config: PretrainDiffusionConfig, stage_dir: Path
     }
     with torch.random.fork_rng():  # a fixed recolouring, without touching the caller's RNG
         torch.manual_seed(0)
-        recoloured = base.remap_colours(pixels)
+        recoloured = remap_colours(pixels)
     accuracy = {}
     with torch.no_grad():
         for view, images in (("", pixels), ("recoloured_", recoloured)):
@@ -357,8 +364,7 @@ class WorldImagesWithColourFreeCaptions(WorldImages):
             for row in self.labels.tolist()
         ]
         unique = sorted(set(free))
-        tokenizer = CLIPTokenizer.from_pretrained(_world_dir(stage_dir) / "tokenizer")
-        tokens = tokenizer(unique, padding="max_length", truncation=True, return_tensors="pt")
+        tokens = self.tokenizer(unique, padding="max_length", truncation=True, return_tensors="pt")
         self.free_input_ids, self.free_attention_mask = tokens.input_ids, tokens.attention_mask
         self.free_index = torch.tensor([unique.index(caption) for caption in free])
 
@@ -392,7 +398,7 @@ def invariant_clip_step(model, batch, config: PretrainDiffusionConfig):
     row = recolour[:, None]
     loss = base.clip_loss(
         model,
-        torch.where(row[:, :, None, None], base.remap_colours(pixels), pixels),
+        torch.where(row[:, :, None, None], remap_colours(pixels), pixels),
         torch.where(row, batch["free_input_ids"], batch["input_ids"]),
         torch.where(row, batch["free_attention_mask"], batch["attention_mask"]),
         base.recoloured_positives(batch["caption_ids"], batch["free_caption_ids"], recolour),
@@ -411,11 +417,11 @@ def evaluate_invariant_clip(config: PretrainDiffusionConfig, stage_dir: Path) ->
     drawn = world.images(scenes)
     with torch.random.fork_rng():  # a fixed recolouring, without touching the caller's RNG
         torch.manual_seed(0)
-        recoloured = base.remap_colours(base.to_pixels(drawn))
-    recoloured = ((recoloured + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        recoloured = remap_colours(to_pixels(drawn))
     instrument = Instrument.load(stage_dir / "model", None)
-    results = evaluate_clip(config, stage_dir) | {"colour_free_chance": 1 / len(prompts)}
-    for view, images in (("", drawn), ("recoloured_", recoloured)):
+    results = caption_retrieval(instrument, world, scenes, drawn)
+    results["colour_free_chance"] = 1 / len(prompts)
+    for view, images in (("", drawn), ("recoloured_", from_pixels(recoloured))):
         scores = instrument.caption_scores(images, prompts)
         results[f"{view}colour_free_accuracy"] = (scores.argmax(1) == truth).float().mean().item()
     return results
@@ -437,7 +443,7 @@ def prepare_unet(config: PretrainDiffusionConfig, stage_dir: Path) -> None:
     world = _load_world(_world_dir(stage_dir))
     captions = json.loads((_world_dir(stage_dir) / "captions.json").read_text())
     with torch.no_grad():
-        pixels = base.to_pixels(world["images"])
+        pixels = to_pixels(world["images"])
         latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(512)])
         tokens = tokenizer(
             ["", *captions], padding="max_length", truncation=True, return_tensors="pt"

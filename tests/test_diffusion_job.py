@@ -34,10 +34,9 @@ from kiln.diffusion.base import (
     clip_loss,
     detector_loss,
     recoloured_positives,
-    remap_colours,
-    to_pixels,
 )
 from kiln.diffusion.evaluate import generate_images
+from kiln.pixels import from_pixels, remap_colours, to_pixels
 from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld, colour_free_caption
 
 OVERRIDES = [
@@ -208,6 +207,29 @@ def test_generate_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "model_index.json" in result.stderr
+
+
+def test_from_pixels_inverts_to_pixels_for_every_8_bit_value():
+    images = np.arange(256, dtype=np.uint8).repeat(3).reshape(1, 16, 16, 3)
+    back = from_pixels(to_pixels(images))
+    assert back.dtype == np.uint8 and np.array_equal(back, images)
+    # Negative control: truncating instead of rounding loses values (float error lands below).
+    truncated = ((to_pixels(images) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert not np.array_equal(truncated, images)
+
+
+def test_a_shared_colour_map_recolours_a_whole_batch_alike_and_a_generator_fixes_it():
+    world = ShapesWorld()
+    copies = to_pixels(world.images(world.scenes("validation", 1))).expand(4, -1, -1, -1)
+    shared = remap_colours(copies, torch.Generator().manual_seed(0), shared=True)
+    assert all(torch.equal(copy, shared[0]) for copy in shared)
+    assert not torch.allclose(shared[0], copies[0], atol=0.1)  # it did recolour
+    assert torch.equal(remap_colours(copies, torch.Generator().manual_seed(0), shared=True), shared)
+    other = remap_colours(copies, torch.Generator().manual_seed(1), shared=True)
+    assert not torch.equal(other, shared)
+    # Without `shared`, each copy gets its own map (the training augmentation).
+    own = remap_colours(copies, torch.Generator().manual_seed(0))
+    assert not torch.equal(own[0], own[1])
 
 
 def test_remap_colours_changes_the_palette_and_keeps_the_layout():

@@ -27,9 +27,9 @@ from kiln.diffusion.base import (
     build_detector,
     build_tokenizer,
     build_vae,
-    to_pixels,
 )
 from kiln.gp import FeatureExtractor, FewShotClassifier
+from kiln.pixels import from_pixels, remap_colours, to_pixels
 from kiln.worlds.shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, ShapesWorld, parse_caption
 
 METHODS = {"zero_shot", "linear_probe", "tip_adapter", "knn", "gp_zero_mean", "gp_ensemble"}
@@ -78,6 +78,13 @@ def test_job_writes_the_table_plots_and_a_classifier_that_reloads(base_run, tmp_
     for row in rows:
         assert set(row) == {"method", "shots", "split", "accuracy", "ece", "nll"}
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1 and row["nll"] > 0
+    # The mean drop per method: the mean of the per-shot drops of the table, and an error.
+    for method, drop in summary["mean_drop"].items():
+        table = {(r["shots"], r["split"]): r["accuracy"] for r in rows if r["method"] == method}
+        by_shots = [table[k, "test"] - table[k, "shifted"] for k in (1, 2)]
+        assert drop["mean"] == pytest.approx(np.mean(by_shots))
+        assert drop["stderr"] >= 0
+    assert set(summary["mean_drop"]) == METHODS
     for name in ("results.md", "accuracy_vs_shots.png", "reliability.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| gp_ensemble |" in (tmp_path / "results.md").read_text()
@@ -86,6 +93,7 @@ def test_job_writes_the_table_plots_and_a_classifier_that_reloads(base_run, tmp_
     # The prior is the colour-invariant CLIP, the `clip` model of the default `models`.
     assert classifier.extractor.clip_dir == (base_run / "invariant_clip" / "model").resolve()
     assert classifier.extractor.class_prompts == class_prompts("captions")
+    assert classifier.extractor.prior_views == GPFewShotConfig().prior_views > 0
     assert len(classifier.gp.train_targets[0]) == 2 * len(summary["classes"])
 
 
@@ -96,13 +104,15 @@ def test_classifier_save_load_round_trip_and_bad_images(base_run, tmp_path):
     labels = torch.tensor([names.index(s.attributes["shape"]) for s in scenes])
     images = world.images(scenes)
     models = {name: base_run / name / "model" for name in ("clip", "vae", "detector")}
-    extractor = FeatureExtractor(base_run / "clip" / "model", models, class_prompts())
+    extractor = FeatureExtractor(base_run / "clip" / "model", models, class_prompts(), 2)
     missing = labels != names.index("face")
     with pytest.raises(ValueError, match=r"classes \['face'\] have zero shots"):
         FewShotClassifier.fit(extractor, images[missing.numpy()], labels[missing], iterations=2)
     fitted = FewShotClassifier.fit(extractor, images, labels, iterations=2)
     fitted.save(tmp_path)
-    before, after = fitted.predict(images), FewShotClassifier.load(tmp_path).predict(images)
+    loaded = FewShotClassifier.load(tmp_path)
+    assert loaded.extractor.prior_views == 2
+    before, after = fitted.predict(images), loaded.predict(images)
     assert torch.equal(before.probabilities, after.probabilities)
     assert torch.equal(before.variance, after.variance)
     small = np.zeros((2, 16, 16, 3), np.uint8)
@@ -110,6 +120,26 @@ def test_classifier_save_load_round_trip_and_bad_images(base_run, tmp_path):
         fitted.predict(small)
     with pytest.raises(ValueError, match=r"images: expected uint8 \[N, 32, 32, 3\]"):
         fitted.predict(images.astype(np.float32))
+
+
+def test_the_prior_averages_zero_shot_scores_over_fixed_recoloured_views(base_run):
+    images = ShapesWorld().images(ShapesWorld().scenes("validation", 6))
+    clip = base_run / "invariant_clip" / "model"
+    plain = FeatureExtractor(clip, {}, class_prompts())
+    viewed = FeatureExtractor(clip, {}, class_prompts(), prior_views=3)
+    _, scores = viewed(images)
+    # By hand: the plain scores of the image and of its recolourings by maps 0, 1 and 2, averaged.
+    views = [images] + [
+        from_pixels(remap_colours(to_pixels(images), torch.Generator().manual_seed(v), True))
+        for v in range(3)
+    ]
+    torch.testing.assert_close(scores, torch.stack([plain(view)[1] for view in views]).mean(0))
+    assert not torch.allclose(scores, plain(images)[1], atol=1e-4)  # the views count
+    # One map per view for every image: an image's prior does not depend on its batch (a map
+    # drawn per image would give image 2 another map alone than third in a batch).
+    torch.testing.assert_close(viewed(images[2:3])[1], scores[2:3])
+    with pytest.raises(ValueError, match="prior_views=-1: expected 0 or more"):
+        FeatureExtractor(clip, {}, class_prompts(), prior_views=-1)
 
 
 def test_folders_with_an_image_processor_get_their_own_preprocessing(base_run, tmp_path):

@@ -26,15 +26,15 @@ real checkpoints use, so every later method runs unchanged on SD-v1.x from a loc
   (the label names are `attribute=value`, so the folder is self-describing).
 - A colour-invariant detector: the same ResNet predicting only the attributes that name no
   colour (`COLOUR_FREE`), trained on images whose colours are remapped at random
-  (`remap_colours`). It is a feature extractor, not a ruler: its features carry shape, count
-  and layout but not the palette, as colour-jittered self-supervised models do (SimCLR,
-  arXiv 2002.05709). Why: every other model here encodes the palette, so a low-shot classifier
-  built on them (the GP ensemble) fails on unseen colours (BENCHMARKS.md, GP section).
+  (`kiln.pixels.remap_colours`). It is a feature extractor, not a ruler: its features carry
+  shape, count and layout but not the palette, as colour-jittered self-supervised models do
+  (SimCLR, arXiv 2002.05709). Why: every other model here encodes the palette, so a low-shot
+  classifier built on them (the GP ensemble) fails on unseen colours (BENCHMARKS.md, GP section).
 - A colour-invariant CLIP: the same CLIP (with 2-pixel patches) and L_clip, where a random half
-  R of each batch is recoloured by `remap_colours` and captioned without colours or background
-  (`kiln.worlds.shapes.colour_free_caption`: "two stars", "a ring in a cup"). A colour-free
-  text describes every image with that colour-free caption, recoloured or not; a full caption
-  only the images it was drawn for, unrecoloured:
+  R of each batch is recoloured by `kiln.pixels.remap_colours` and captioned without colours or
+  background (`kiln.worlds.shapes.colour_free_caption`: "two stars", "a ring in a cup"). A
+  colour-free text describes every image with that colour-free caption, recoloured or not; a full
+  caption only the images it was drawn for, unrecoloured:
       P_ij = [j ∈ R] [free_i = free_j] + [j ∉ R] [i ∉ R] [caption_i = caption_j]
   Why: web-scale CLIPs, whose zero-shot logits are the GP ensemble's prior, are robust to
   colour; the tiny CLIP reads the palette, so a prior made from it fails on unseen colours.
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -118,16 +117,6 @@ class DetectorArch(Section):
     """Architecture of the concept detector (a small ResNet)."""
 
     channels: list[int] = Field([32, 64, 128], min_length=1, description="Channels per stage.")
-
-
-def to_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1] (the diffusers convention)."""
-    images = torch.as_tensor(np.asarray(images))
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
-        raise ValueError(
-            f"images: expected uint8 [N, H, W, 3], got {tuple(images.shape)} {images.dtype}"
-        )
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def build_tokenizer(captions: list[str], max_length: int) -> CLIPTokenizer:
@@ -298,23 +287,3 @@ def detector_loss(
     columns = list(ATTRIBUTES)
     blocks = attribute_logits(logits, attributes)
     return sum(F.cross_entropy(block, labels[:, columns.index(a)]) for a, block in blocks.items())
-
-
-def remap_colours(pixels: torch.Tensor) -> torch.Tensor:
-    """A random colour map per image, for pixels [N, 3, H, W] in [-1, 1].
-
-    Per image: a channel permutation, then per channel a gain of ±[0.4, 1.2] (negative with
-    probability 0.3: an inversion) and an offset in [-0.4, 0.4]; greyscale with probability 0.2.
-    Every pixel of an image goes through the same map, so shapes and layout are kept and pixels
-    of one colour stay one colour; only which colour changes. Uses torch's global generator
-    (the pixels' device's).
-    """
-    n, on = len(pixels), {"device": pixels.device}
-    order = torch.argsort(torch.rand(n, 3, **on), dim=1)
-    remapped = torch.gather(pixels, 1, order[:, :, None, None].expand_as(pixels))
-    sign = torch.where(torch.rand(n, 3, 1, 1, **on) < 0.3, -1.0, 1.0)
-    gain = torch.empty(n, 3, 1, 1, **on).uniform_(0.4, 1.2) * sign
-    remapped = remapped * gain + torch.empty(n, 3, 1, 1, **on).uniform_(-0.4, 0.4)
-    grey = torch.rand(n, 1, 1, 1, **on) < 0.2
-    remapped = torch.where(grey, remapped.mean(1, keepdim=True).expand_as(remapped), remapped)
-    return remapped.clamp(-1, 1)

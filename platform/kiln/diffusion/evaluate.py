@@ -23,7 +23,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification, CLIPModel, CLIPTokenizer
 
-from kiln.diffusion.base import attribute_logits, to_pixels
+from kiln.diffusion.base import attribute_logits
+from kiln.pixels import to_pixels
 from kiln.worlds.shapes import ATTRIBUTES, CAPTIONED, parse_caption
 
 

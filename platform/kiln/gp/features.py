@@ -10,9 +10,8 @@ A model is any folder on disk, recognised by its config:
 Pixels: a folder with an image processor (`preprocessor_config.json`, what a real checkpoint
 such as openai/clip-vit-base-patch32 or facebook/dinov2-small ships) gets its images through
 `AutoImageProcessor` (its resize, crop and mean/std). A folder without one gets kiln's
-convention, [N, 3, H, W] in [-1, 1] at the input resolution (that of
-`kiln.diffusion.base.to_pixels`, not imported because that module pulls in diffusers), which
-is what kiln's own models were trained on. Input images are uint8 [N, S, S, 3] with S the CLIP's
+convention, [N, 3, H, W] in [-1, 1] at the input resolution (`kiln.pixels.to_pixels`), which is
+what kiln's own models were trained on. Input images are uint8 [N, S, S, 3] with S the CLIP's
 `image_size`, the resolution its vision tower (or its processor) expects.
 A timm folder (a config.json with `architecture`) goes through transformers' `TimmWrapperModel`,
 which needs the `timm` package: kiln does not depend on it (timm needs torchvision, and the
@@ -31,6 +30,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPTokenizer
 
 from kiln.gp.ensemble import GPEnsemble, Prediction, fit_gp
+from kiln.pixels import from_pixels, remap_colours, to_pixels
 
 BATCH = 256
 
@@ -41,7 +41,7 @@ def pixel_preprocessor(path: Path) -> Callable[[np.ndarray], torch.Tensor]:
     if (Path(path) / "preprocessor_config.json").is_file():
         processor = AutoImageProcessor.from_pretrained(path)
         return lambda images: processor(list(images), return_tensors="pt").pixel_values
-    return lambda images: torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return to_pixels
 
 
 def load_feature_model(path: Path) -> Callable[[np.ndarray], torch.Tensor]:
@@ -68,13 +68,25 @@ class FeatureExtractor:
 
     `class_prompts` maps each class name to the captions whose text embeddings, normalised and
     averaged, represent it (CLIP's prompt ensembling, arXiv 2103.00020).
+    `prior_views` > 0 averages the zero-shot scores over the image as given and that many
+    recolourings of it (`kiln.pixels.remap_colours`; view v is one fixed map, drawn from seed v,
+    so an image's scores do not depend on the batch it comes in): test-time augmentation that
+    marginalises colour out of the prior. It suits a CLIP trained on those recolourings (the
+    shapes world's colour-invariant CLIP); 0 for a CLIP of natural photos, whose colours carry
+    meaning and which never saw inverted or channel-swapped images.
     """
 
     def __init__(
-        self, clip_dir: Path, models: dict[str, Path], class_prompts: dict[str, list[str]]
+        self,
+        clip_dir: Path,
+        models: dict[str, Path],
+        class_prompts: dict[str, list[str]],
+        prior_views: int = 0,
     ):
+        if prior_views < 0:
+            raise ValueError(f"prior_views={prior_views}: expected 0 or more recoloured views")
         self.clip_dir, self.model_dirs = Path(clip_dir), {k: Path(v) for k, v in models.items()}
-        self.class_prompts = class_prompts
+        self.class_prompts, self.prior_views = class_prompts, prior_views
         self.clip = CLIPModel.from_pretrained(clip_dir).eval()
         self.image_size = self.clip.config.vision_config.image_size
         self.logit_scale = self.clip.logit_scale.exp().item()
@@ -107,14 +119,21 @@ class FeatureExtractor:
             )
         chunks = [images[start : start + BATCH] for start in range(0, len(images), BATCH)]
         features = {name: torch.cat([f(x) for x in chunks]) for name, f in self.models.items()}
-        embeddings = torch.cat(
-            [
-                self.clip.get_image_features(pixel_values=self.clip_pixels(chunk)).pooler_output
-                for chunk in chunks
-            ]
-        )
-        zero_shot = torch.nn.functional.normalize(embeddings, dim=-1) @ self.class_embeddings.T
+        zero_shot = torch.cat([self._zero_shot(chunk) for chunk in chunks])
         return features, zero_shot
+
+    def _zero_shot(self, images: np.ndarray) -> torch.Tensor:
+        views = [images]
+        for view in range(self.prior_views):
+            colour_map = torch.Generator().manual_seed(view)
+            recoloured = remap_colours(to_pixels(images), generator=colour_map, shared=True)
+            views.append(from_pixels(recoloured))
+        scores = []
+        for view in views:
+            embeddings = self.clip.get_image_features(pixel_values=self.clip_pixels(view))
+            normalised = torch.nn.functional.normalize(embeddings.pooler_output, dim=-1)
+            scores.append(normalised @ self.class_embeddings.T)
+        return torch.stack(scores).mean(0)
 
 
 class FewShotClassifier:
@@ -143,11 +162,14 @@ class FewShotClassifier:
             "clip": str(self.extractor.clip_dir.resolve()),
             "models": {k: str(v.resolve()) for k, v in self.extractor.model_dirs.items()},
             "class_prompts": self.extractor.class_prompts,
+            "prior_views": self.extractor.prior_views,
         }
         (folder / "classifier.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> FewShotClassifier:
         meta = json.loads((Path(folder) / "classifier.json").read_text())
-        extractor = FeatureExtractor(meta["clip"], meta["models"], meta["class_prompts"])
+        extractor = FeatureExtractor(
+            meta["clip"], meta["models"], meta["class_prompts"], meta.get("prior_views", 0)
+        )
         return cls(extractor, GPEnsemble.load(Path(folder)))
