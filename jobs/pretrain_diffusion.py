@@ -48,7 +48,13 @@ from kiln.config import JobConfig, Section, load_config
 from kiln.diffusion import base
 from kiln.diffusion.evaluate import Instrument, generate_images, save_grid
 from kiln.pixels import from_pixels, remap_colours, to_pixels
-from kiln.worlds.shapes import ATTRIBUTES, ShapesWorld, ShapesWorldConfig, colour_free_caption
+from kiln.worlds.shapes import (
+    ATTRIBUTES,
+    Scene,
+    ShapesWorld,
+    ShapesWorldConfig,
+    colour_free_caption,
+)
 
 STAGES = ("clip", "vae", "detector", "invariant_detector", "invariant_clip", "unet")
 # Half of each invariant-CLIP batch is recoloured: the other half keeps the colour words' meaning.
@@ -257,7 +263,10 @@ def evaluate_clip(config: PretrainDiffusionConfig, stage_dir: Path) -> dict:
     return caption_retrieval(instrument, world, scenes, world.images(scenes))
 
 
-def caption_retrieval(instrument: Instrument, world: ShapesWorld, scenes, images) -> dict:
+def caption_retrieval(
+    instrument: Instrument, world: ShapesWorld, scenes: list[Scene], images: np.ndarray
+) -> dict:
+    """Zero-shot retrieval of each scene's caption among every test-split caption."""
     prompts = world.prompts("test")
     scores = instrument.caption_scores(images, prompts)
     truth = torch.tensor([prompts.index(s.caption) for s in scenes])

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from transformers import (
@@ -16,7 +17,7 @@ from transformers import (
     ViTModel,
 )
 
-from jobs.gp_fewshot import GPFewShotConfig, class_prompts, train
+from jobs.gp_fewshot import GPFewShotConfig, class_prompts, standard_error, train
 from jobs.runner import cli
 from kiln.diffusion.base import (
     COLOUR_FREE,
@@ -79,12 +80,17 @@ def test_job_writes_the_table_plots_and_a_classifier_that_reloads(base_run, tmp_
         assert set(row) == {"method", "shots", "split", "accuracy", "ece", "nll"}
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["ece"] <= 1 and row["nll"] > 0
     # The mean drop per method: the mean of the per-shot drops of the table, and an error.
-    for method, drop in summary["mean_drop"].items():
+    drops = summary["mean_drop"]
+    for method, drop in drops.items():
         table = {(r["shots"], r["split"]): r["accuracy"] for r in rows if r["method"] == method}
         by_shots = [table[k, "test"] - table[k, "shifted"] for k in (1, 2)]
         assert drop["mean"] == pytest.approx(np.mean(by_shots))
         assert drop["stderr"] >= 0
-    assert set(summary["mean_drop"]) == METHODS
+    assert set(drops) == METHODS
+    for drop in drops.values():
+        gap = drop["mean"] - drops["gp_ensemble"]["mean"]
+        assert drop["minus_gp_ensemble"] == pytest.approx(gap, abs=1e-12)
+    assert drops["gp_ensemble"]["minus_gp_ensemble_stderr"] == 0
     for name in ("results.md", "accuracy_vs_shots.png", "reliability.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| gp_ensemble |" in (tmp_path / "results.md").read_text()
@@ -120,6 +126,13 @@ def test_classifier_save_load_round_trip_and_bad_images(base_run, tmp_path):
         fitted.predict(small)
     with pytest.raises(ValueError, match=r"images: expected uint8 \[N, 32, 32, 3\]"):
         fitted.predict(images.astype(np.float32))
+
+
+def test_standard_error_of_a_mean_over_images():
+    drops = torch.tensor([1.0, 0.0, 0.0, -1.0, 0.5, 0.0, 1.0, 0.0], dtype=torch.float64)
+    assert standard_error(drops) == pytest.approx(scipy.stats.sem(drops.numpy()))
+    # Negative control: the population std (ddof=0) is a different, smaller figure.
+    assert standard_error(drops) > scipy.stats.sem(drops.numpy(), ddof=0)
 
 
 def test_the_prior_averages_zero_shot_scores_over_fixed_recoloured_views(base_run):

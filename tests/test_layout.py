@@ -50,3 +50,14 @@ def test_engine_imports_with_torch_and_transformers_alone():
         "import kiln.engine, kiln.engine.spec_decode, kiln.engine.smartspec"
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_gp_imports_without_diffusers():
+    """kiln.gp takes kiln's pixel convention from kiln.pixels, not from the diffusion base."""
+    done = _python(
+        "import sys\n"
+        "for name in ('ray', 'deepspeed', 'diffusers', 'peft'):\n"
+        "    sys.modules[name] = None\n"
+        "import kiln.pixels, kiln.gp"
+    )
+    assert done.returncode == 0, done.stderr

@@ -25,7 +25,7 @@ def to_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 def from_pixels(pixels: torch.Tensor) -> np.ndarray:
     """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]; inverts `to_pixels` exactly."""
     pixels = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).numpy()
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def remap_colours(
@@ -37,8 +37,8 @@ def remap_colours(
     A map: a channel permutation, then per channel a gain of ±[0.4, 1.2] (negative with
     probability 0.3: an inversion) and an offset in [-0.4, 0.4]; greyscale with probability 0.2.
     Every pixel of an image goes through the same map, so shapes and layout are kept and pixels
-    of one colour stay one colour; only which colour changes. Draws from `generator`, by default
-    torch's global one (the pixels' device's).
+    of one colour stay one colour; only which colour changes. Draws from `generator` (on the
+    pixels' device), by default torch's global one for that device.
     """
     n = 1 if shared else len(pixels)
     draw = {"device": pixels.device, "generator": generator}

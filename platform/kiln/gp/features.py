@@ -119,21 +119,19 @@ class FeatureExtractor:
             )
         chunks = [images[start : start + BATCH] for start in range(0, len(images), BATCH)]
         features = {name: torch.cat([f(x) for x in chunks]) for name, f in self.models.items()}
-        zero_shot = torch.cat([self._zero_shot(chunk) for chunk in chunks])
-        return features, zero_shot
-
-    def _zero_shot(self, images: np.ndarray) -> torch.Tensor:
-        views = [images]
-        for view in range(self.prior_views):
-            colour_map = torch.Generator().manual_seed(view)
-            recoloured = remap_colours(to_pixels(images), generator=colour_map, shared=True)
-            views.append(from_pixels(recoloured))
-        scores = []
-        for view in views:
-            embeddings = self.clip.get_image_features(pixel_values=self.clip_pixels(view))
-            normalised = torch.nn.functional.normalize(embeddings.pooler_output, dim=-1)
-            scores.append(normalised @ self.class_embeddings.T)
-        return torch.stack(scores).mean(0)
+        zero_shot = []
+        for chunk in chunks:
+            pixels, views = to_pixels(chunk), [chunk]
+            for seed in range(self.prior_views):
+                colour_map = torch.Generator().manual_seed(seed)
+                views.append(from_pixels(remap_colours(pixels, colour_map, shared=True)))
+            scores = []
+            for view in views:
+                embeddings = self.clip.get_image_features(pixel_values=self.clip_pixels(view))
+                normalised = torch.nn.functional.normalize(embeddings.pooler_output, dim=-1)
+                scores.append(normalised @ self.class_embeddings.T)
+            zero_shot.append(torch.stack(scores).mean(0))
+        return features, torch.cat(zero_shot)
 
 
 class FewShotClassifier:
